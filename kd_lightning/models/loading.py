@@ -1,0 +1,78 @@
+"""Build a network from the zoo and fill it with trained weights.
+
+Weights come from a Lightning checkpoint of a :class:`~kd_lightning.ClassifierModule` (``model.*`` keys) or a
+:class:`~kd_lightning.DistillationModule` (``student.*`` keys: a distilled student can teach in turn), from a
+plain ``state_dict`` file (``torch.save(net.state_dict(), path)``, DDP's ``module.`` prefix allowed), or, for
+torchvision architectures, from ImageNet weights (``pretrained=True``; needs internet on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.models import build_model
+
+# a Lightning checkpoint names the network by the attribute that holds it in the LightningModule
+_LIGHTNING_PREFIXES = ("model.", "student.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network weights in ``path`` (a Lightning checkpoint or a plain state_dict), prefix stripped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Checkpoint file not found: {os.fspath(path)!r} (resolved from {os.getcwd()!r}). Pass the path of "
+            "a Lightning .ckpt written by `kd-lightning fit` (logs/<name>/version_<n>/checkpoints/*.ckpt) or of a "
+            "file saved with torch.save(model.state_dict(), path)."
+        )
+    blob: Any = torch.load(path, map_location="cpu", weights_only=True)
+    is_lightning = isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict)
+    state = blob["state_dict"] if is_lightning else blob
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{os.fspath(path)!r} holds no state_dict of tensors (got {type(blob).__name__}).")
+    if is_lightning:
+        for prefix in _LIGHTNING_PREFIXES:
+            network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if network:
+                return network
+        raise ValueError(f"Lightning checkpoint {os.fspath(path)!r} has no {' or '.join(_LIGHTNING_PREFIXES)}* "
+                         "weights: was it written by ClassifierModule or DistillationModule?")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped network
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
+    """Load ``path`` into ``model`` strictly; a head of the wrong size is reported as a class-count mismatch."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    wrong_shape = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                   if k in own and v.shape != own[k].shape}
+    if wrong_shape:
+        found = ", ".join(f"{k}: {a} in the file, {b} in the model" for k, (a, b) in wrong_shape.items())
+        hint = f" The data has {num_classes} classes: was this network trained on other data?" if num_classes else ""
+        raise ValueError(f"Weights in {os.fspath(path)!r} do not fit {type(model).__name__}: {found}.{hint}")
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    if missing or unexpected:
+        raise ValueError(
+            f"Weights in {os.fspath(path)!r} are for another architecture than {type(model).__name__}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. Is the model name right?"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(name: str, num_classes: int, checkpoint: str | None = None, pretrained: bool = False,
+               **kwargs: Any) -> nn.Module:
+    """Build zoo model ``name`` and load ``checkpoint`` (a .ckpt or state_dict file) or ImageNet weights."""
+    if checkpoint is not None and pretrained:
+        raise ValueError("Give either a checkpoint or pretrained=True, not both.")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        read_state_dict(checkpoint)  # raises the clear FileNotFoundError before any model is built
+    if pretrained:
+        kwargs["pretrained"] = True
+    model = build_model(name, num_classes, **kwargs)
+    return model if checkpoint is None else load_weights(model, checkpoint, num_classes)

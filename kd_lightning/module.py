@@ -1,0 +1,349 @@
+"""LightningModules: ``DistillationModule`` (frozen teacher -> trainable student) and ``ClassifierModule``
+(one network on hard labels: a teacher, or the scratch-student baseline). Both share optimizer settings,
+metrics and logging, so a KD student and its scratch baseline are measured the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.losses import distillation_loss, hard_loss, kl_divergence
+from kd_lightning.models.loading import load_model
+
+IGNORE_INDEX = -100  # the label of an unlabelled row (cross-entropy's ignore_index)
+
+
+def as_heads(output: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A network's output as a list of logits, main head first (GoogLeNet gives (main, aux2, aux1))."""
+    return [output] if isinstance(output, Tensor) else list(output)
+
+
+def count_outputs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Width of ``model``'s main head on a zero batch of ``input_shape``; its train/eval mode is restored."""
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics may move
+    try:
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            x = torch.zeros(2, *input_shape, device=None if param is None else param.device)
+            return as_heads(model(x))[0].shape[-1]
+    finally:
+        model.train(was_training)
+
+
+class _TrainableModule(LightningModule):
+    """Optimizer and LR schedule chosen by name (YAML-friendly, flat in TensorBoard's HPARAMS), and metrics."""
+
+    def __init__(self, num_classes: int | None, optimizer: Literal["sgd", "adamw", "adam"], lr: float,
+                 momentum: float, weight_decay: float, nesterov: bool,
+                 lr_scheduler: Literal["none", "cosine", "step", "multistep"], warmup_epochs: int,
+                 step_size: int, milestones: Sequence[int], gamma: float) -> None:
+        super().__init__()
+        if num_classes is None or num_classes < 1:
+            raise ValueError("num_classes is required (a positive int); under `kd-lightning` it comes from the "
+                             f"DataModule's num_classes. Got {num_classes!r}.")
+        if optimizer not in ("sgd", "adamw", "adam"):
+            raise ValueError(f"Unknown optimizer {optimizer!r}; choose one of 'sgd', 'adamw', 'adam'.")
+        if lr_scheduler not in ("none", "cosine", "step", "multistep"):
+            raise ValueError(f"Unknown lr_scheduler {lr_scheduler!r}; choose one of "
+                             "'none', 'cosine', 'step', 'multistep'.")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        self.num_classes = num_classes
+
+    # -- optimization -------------------------------------------------------------------------------------
+    def trainable_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.trainable_module().parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                                  nesterov=hp.nesterov)
+        else:
+            cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+            opt = cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_scheduler == "none":
+            return opt
+        if hp.lr_scheduler == "cosine":  # per step, over the whole run, after an optional linear warm-up
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+            warmup = min(hp.warmup_epochs * steps_per_epoch, total - 1)
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup)
+            sched = cosine if warmup == 0 else torch.optim.lr_scheduler.SequentialLR(
+                opt, [torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, warmup), cosine], [warmup])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if hp.lr_scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.step_size, gamma=hp.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # -- metrics --------------------------------------------------------------------------------------------
+    def _make_metrics(self, teacher: bool) -> nn.ModuleDict:
+        def collection() -> MetricCollection:
+            metrics: dict[str, Any] = {"acc": MulticlassAccuracy(self.num_classes, average="micro",
+                                                                 ignore_index=IGNORE_INDEX)}
+            if teacher:
+                metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro",
+                                                            ignore_index=IGNORE_INDEX)
+                metrics["agreement"] = MulticlassAccuracy(self.num_classes, average="micro")
+                metrics["kl"] = MeanMetric()
+            return MetricCollection(metrics, compute_groups=False)
+
+        return nn.ModuleDict({"val": collection(), "test": collection()})
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Compute (reduced across DDP ranks by torchmetrics), log as ``<stage>/<name>``, reset."""
+        collection = self.metrics[stage]
+        if not collection["acc"].update_called:
+            return
+        self.log_dict({f"{stage}/{name}": value for name, value in collection.compute().items()})
+        collection.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def on_fit_start(self) -> None:
+        # TensorBoard's HPARAMS tab: declare which scalar tags are the metrics to compare runs by. Writing the
+        # hparams summary directly (as TensorBoardLogger does inside) adds no fake metric points at step 0.
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
+                names = [f"{stage}/{name}" for stage in ("val", "test") for name in self.metrics[stage]]
+                params = logger._sanitize_params(_flatten_dict(_convert_params(self.hparams)))
+                writer = logger.experiment._get_file_writer()
+                for summary in hparams_summary(params, {name: math.nan for name in names}):
+                    writer.add_summary(summary)
+
+    def check_input_shape(self, input_shape: Sequence[int]) -> None:
+        """Run each network on a zero batch of ``input_shape``: a clear error before training, not mid-epoch."""
+        for role, net in self.named_networks().items():
+            try:
+                width = count_outputs(net, input_shape)
+            except RuntimeError as err:
+                raise ValueError(f"The {role} ({type(net).__name__}) cannot run on inputs of shape "
+                                 f"{tuple(input_shape)} (channels, height, width): {err}. Is the image size too "
+                                 "small for this model, or the channel count wrong?") from err
+            if width != self.num_classes:
+                raise ValueError(f"The {role} gives {width} class scores but the data has {self.num_classes} "
+                                 "classes: teacher, student and data must agree on the class count.")
+
+    def named_networks(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
+        if input_shape is not None:
+            self.check_input_shape(input_shape)
+            self.example_input_array = torch.zeros(1, *input_shape)  # in/out sizes and FLOPs in ModelSummary
+
+
+class ClassifierModule(_TrainableModule):
+    """Trains one network on hard labels: a teacher for distillation, or the scratch-student baseline.
+
+    Logs ``train/loss``, ``val/loss``, ``val/acc`` and ``test/acc``. For a multi-head network the loss is
+    ``sum_i head_weights[i] * CE(head_i)`` (GoogLeNet: 1, 0.3, 0.3); metrics use the main head. Unlabelled
+    rows (label -100) are ignored.
+
+    Args:
+        model: a zoo name (see ``kd_lightning.models.MODELS``) or an ``nn.Module``.
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        model_kwargs: extra arguments of the zoo builder.
+        pretrained: start from torchvision's ImageNet weights (fine-tuning; needs internet once).
+        checkpoint: start from these weights (a Lightning .ckpt or a state_dict file).
+    """
+
+    def __init__(self, model: str | nn.Module = "resnet18", num_classes: int | None = None,
+                 model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
+                 checkpoint: str | None = None, head_weights: list[float] | None = None,
+                 label_smoothing: float = 0.0,
+                 optimizer: Literal["sgd", "adamw", "adam"] = "sgd", lr: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, nesterov: bool = False,
+                 lr_scheduler: Literal["none", "cosine", "step", "multistep"] = "cosine", warmup_epochs: int = 0,
+                 step_size: int = 30, milestones: Sequence[int] = (), gamma: float = 0.1) -> None:
+        super().__init__(num_classes, optimizer, lr, momentum, weight_decay, nesterov, lr_scheduler,
+                         warmup_epochs, step_size, milestones, gamma)
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.model = model if isinstance(model, nn.Module) else load_model(
+            model, num_classes, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
+        self.head_weights = head_weights
+        self.label_smoothing = label_smoothing
+        self.metrics = self._make_metrics(teacher=False)
+
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def named_networks(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return as_heads(self.model(x))[0]
+
+    def _loss(self, heads: list[Tensor], y: Tensor) -> Tensor:
+        weights = self.head_weights or [1.0] + [0.3] * (len(heads) - 1)
+        if self.label_smoothing and y.ndim == 1:
+            return sum(w * nn.functional.cross_entropy(h.float(), y, ignore_index=IGNORE_INDEX,
+                                                       label_smoothing=self.label_smoothing)
+                       for w, h in zip(weights, heads))
+        return sum(w * hard_loss(h, y, IGNORE_INDEX) for w, h in zip(weights, heads))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        loss = self._loss(as_heads(self.model(x)), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
+        heads = as_heads(self.model(x))
+        self.log(f"{stage}/loss", self._loss(heads, y), sync_dist=True)
+        self.metrics[stage]["acc"].update(heads[0], y)
+        return heads[0]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+
+class DistillationModule(_TrainableModule):
+    r"""Knowledge distillation: a frozen teacher teaches a trainable student (Hinton et al., 2015).
+
+    ``loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, see
+    :func:`kd_lightning.losses.distillation_loss`.
+
+    The teacher is frozen (``requires_grad_(False)``), kept in eval mode for the whole fit (``train()`` cannot
+    switch it back), run under ``torch.no_grad()``, left out of the optimizer and **left out of checkpoints**:
+    ``state_dict()`` holds the student only, and on resume the teacher is rebuilt from its own weights.
+    ``temperature`` and ``alpha`` are plain attributes that callbacks may change during training.
+
+    Logs ``train/{loss,kd,ce,temperature}``; ``val/`` and ``test/`` ``{loss,kd,ce,acc,teacher_acc,agreement,kl}``
+    where ``acc`` is the student's top-1, ``agreement`` the fraction of rows where student and teacher top-1
+    agree and ``kl`` the mean KL(teacher || student) at T=1 (comparable across runs whatever their temperature).
+
+    Args:
+        student: zoo name or ``nn.Module``.
+        teacher: zoo name or ``nn.Module`` (used as given: load its weights yourself).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        teacher_checkpoint: the teacher's weights: a ClassifierModule/DistillationModule .ckpt or a state_dict.
+        teacher_pretrained: torchvision's ImageNet weights for the teacher (1000 classes only).
+        teacher_weights: weights of the teacher's heads in the soft term, e.g. ``[1, 0.3, 0.3]`` for GoogLeNet.
+    """
+
+    def __init__(self, student: str | nn.Module = "flowers_cnn", teacher: str | nn.Module = "resnet18",
+                 num_classes: int | None = None, temperature: float = 4.0, alpha: float = 0.9,
+                 teacher_checkpoint: str | None = None, teacher_pretrained: bool = False,
+                 student_kwargs: dict[str, Any] | None = None, teacher_kwargs: dict[str, Any] | None = None,
+                 teacher_weights: list[float] | None = None,
+                 optimizer: Literal["sgd", "adamw", "adam"] = "sgd", lr: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, nesterov: bool = False,
+                 lr_scheduler: Literal["none", "cosine", "step", "multistep"] = "cosine", warmup_epochs: int = 0,
+                 step_size: int = 30, milestones: Sequence[int] = (), gamma: float = 0.1) -> None:
+        super().__init__(num_classes, optimizer, lr, momentum, weight_decay, nesterov, lr_scheduler,
+                         warmup_epochs, step_size, milestones, gamma)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        if teacher_pretrained and num_classes != 1000:
+            raise ValueError(
+                f"teacher_pretrained=True gives an ImageNet teacher with 1000 classes, but the data has {num_classes}."
+                " Fine-tune the teacher first (ClassifierModule with pretrained: true, e.g. experiments/flowers/"
+                "teacher.yaml) and pass its checkpoint as teacher_checkpoint.")
+        self.save_hyperparameters(ignore=[k for k, v in (("student", student), ("teacher", teacher))
+                                          if isinstance(v, nn.Module)] or None)
+        self.student = student if isinstance(student, nn.Module) else load_model(
+            student, num_classes, **(student_kwargs or {}))
+        self.teacher = teacher if isinstance(teacher, nn.Module) else load_model(
+            teacher, num_classes, checkpoint=teacher_checkpoint, pretrained=teacher_pretrained,
+            **(teacher_kwargs or {}))
+        self.teacher.requires_grad_(False).eval()
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.teacher_weights = teacher_weights
+        self.metrics = self._make_metrics(teacher=True)
+
+    # -- the teacher stays frozen, in eval mode, and out of checkpoints --------------------------------------
+    def train(self, mode: bool = True) -> "DistillationModule":
+        super().train(mode)
+        self.teacher.eval()  # Dropout off and BatchNorm statistics fixed, whatever the trainer asks
+        return self
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if k.startswith(prefix + "teacher.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        # Checkpoints hold no teacher: keep the teacher we built, and stay strict about everything else.
+        state_dict = dict(state_dict)
+        for key, value in self.teacher.state_dict(prefix="teacher.").items():
+            state_dict.setdefault(key, value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def trainable_module(self) -> nn.Module:
+        return self.student
+
+    def named_networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The student's logits: what ships."""
+        return as_heads(self.student(x))[0]
+
+    def teacher_logits(self, x: Tensor) -> list[Tensor]:
+        """The teacher's heads on ``x`` (main first). Offline KD replaces this with logits read from the batch."""
+        with torch.no_grad():
+            return as_heads(self.teacher(x))
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch[0], batch[1]  # (B, C, H, W), (B,) or (B, K) soft labels
+        teacher_heads = self.teacher_logits(x)
+        student_logits = as_heads(self.student(x))[0]  # (B, K)
+        losses = distillation_loss(student_logits, teacher_heads, y, self.temperature, self.alpha,
+                                   self.teacher_weights, IGNORE_INDEX)
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log("train/kd", losses["kd"])
+        self.log("train/ce", losses["ce"])
+        self.log("train/temperature", self.temperature)
+        # Logits go out with the loss so that callbacks (KLDivergenceLogger) need no second forward pass.
+        return {"loss": losses["loss"], "student_logits": student_logits.detach(),
+                "teacher_logits": teacher_heads[0]}
+
+    def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        x, y = batch[0], batch[1]
+        teacher_heads = self.teacher_logits(x)
+        student_logits = as_heads(self.student(x))[0]
+        teacher_logits = teacher_heads[0]
+        losses = distillation_loss(student_logits, teacher_heads, y, self.temperature, self.alpha,
+                                   self.teacher_weights, IGNORE_INDEX)
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True)
+        metrics = self.metrics[stage]
+        metrics["acc"].update(student_logits, y)
+        metrics["teacher_acc"].update(teacher_logits, y)
+        metrics["agreement"].update(student_logits, teacher_logits.argmax(-1))
+        metrics["kl"].update(kl_divergence(student_logits, teacher_logits, 1.0, reduction="none"))
+        return {"student_logits": student_logits, "teacher_logits": teacher_logits}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
