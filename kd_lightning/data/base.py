@@ -1,18 +1,32 @@
 """What every kd_lightning DataModule shares: class count known at construction (the CLI links it into the
-model), loader settings, and partial labelling for transfer sets.
+model), loader settings, partial labelling for transfer sets, and batch-level augmentation on the device.
 
 A subclass sets ``num_classes``, ``class_names`` and ``input_shape`` in ``__init__`` (so bad paths fail before
 anything is written) and implements ``build_datasets()``, returning the train/val/test datasets of ``(x, y)``
-and the train set's labels. Unlabelled rows carry the label ``-100`` (cross-entropy's ignore index); the
-distillation loss gives them the soft term only.
+and the train set's labels; it may implement ``build_unlabelled()`` to add extra unlabelled training rows.
+Unlabelled rows carry the label ``-100`` (cross-entropy's ignore index); the distillation loss gives them the
+soft term only.
+
+Batch-level augmentation (``mixup_alpha``, ``cutmix_alpha``, ``noise_std``) runs in ``on_after_batch_transfer``,
+on the training device and on training batches only. MixUp/CutMix turn the labels into soft labels ``(B, K)``:
+each row is one-hot (all zero for an unlabelled row) and rows are mixed in pairs, so
+
+* labelled x labelled gives ``lam * onehot(a) + (1 - lam) * onehot(b)`` (sums to 1);
+* labelled (weight ``lam``) x unlabelled gives ``lam * onehot(a)`` (sums to ``lam``): the hard term of that row
+  is ``lam * CE(a)``, i.e. only the labelled share of the mixed image has a hard target, while the soft
+  (teacher) term covers the whole mixed image;
+* unlabelled x unlabelled gives an all-zero row: unlabelled, soft term only.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from kd_lightning.data.splits import labelled_subset
 
@@ -31,7 +45,43 @@ class PartiallyLabelled(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         x, y = self.dataset[i]
-        return x, (y if i in self.labelled else UNLABELLED)
+        return x, (int(y) if i in self.labelled else UNLABELLED)
+
+
+def soft_targets(labels: Tensor, num_classes: int) -> Tensor:
+    """``(B,)`` class indices (``-100`` = unlabelled) as float one-hot ``(B, K)`` with all-zero unlabelled rows;
+    ``(B, K)`` soft labels are returned as float."""
+    if labels.ndim == 2:
+        return labels.float()
+    labelled = labels != UNLABELLED
+    onehot = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+    onehot[labelled, labels[labelled]] = 1.0
+    return onehot
+
+
+class BatchMix:
+    """MixUp and/or CutMix (torchvision.transforms.v2) on a batch ``(x, y)``, unlabelled rows allowed.
+
+    torchvision one-hots index labels itself and rejects ``-100``; here the labels are one-hot encoded first
+    (:func:`soft_targets`), which torchvision mixes as given. With both alphas > 0 each batch gets one of the
+    two, chosen at random.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:
+        from torchvision.transforms import v2
+
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {mixup_alpha} and "
+                             f"{cutmix_alpha}.")
+        mixers = ([v2.MixUp(alpha=mixup_alpha)] if mixup_alpha > 0 else []) + \
+                 ([v2.CutMix(alpha=cutmix_alpha)] if cutmix_alpha > 0 else [])
+        if not mixers:
+            raise ValueError("BatchMix needs mixup_alpha > 0 or cutmix_alpha > 0.")
+        self.num_classes = num_classes
+        self.mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mixer(x, soft_targets(y, self.num_classes))
 
 
 class ClassificationDataModule(LightningDataModule):
@@ -43,8 +93,12 @@ class ClassificationDataModule(LightningDataModule):
         labelled_fraction: fraction of each training class that keeps its label (seeded, stratified, the same on
             every rank); the rest become unlabelled rows. Validation and test sets keep every label.
         use_unlabelled: keep the unlabelled rows in the training set (distillation) or drop them (the scratch
-            baseline, which can learn nothing from them).
+            baseline, which can learn nothing from them). Also decides whether ``unlabelled_dir`` images are used.
         split_seed: seed of the train/val/test split and of the labelled subset.
+        noise_std: standard deviation of Gaussian noise added to training inputs on the device (0: off); it is
+            added after normalization, e.g. 0.1 as in the KD literature.
+        mixup_alpha, cutmix_alpha: Beta(alpha, alpha) parameter of batch-level MixUp / CutMix on training batches
+            (0: off; both > 0: one of the two per batch). Labels become soft ``(B, K)``; see the module docstring.
     """
 
     num_classes: int
@@ -53,12 +107,20 @@ class ClassificationDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, labelled_fraction: float = 1.0, use_unlabelled: bool = True,
-                 split_seed: int = 0) -> None:
+                 split_seed: int = 0, noise_std: float = 0.0, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         if not 0.0 < labelled_fraction <= 1.0:
             raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction}.")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {mixup_alpha} and "
+                             f"{cutmix_alpha}.")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -66,6 +128,10 @@ class ClassificationDataModule(LightningDataModule):
         self.labelled_fraction = labelled_fraction
         self.use_unlabelled = use_unlabelled
         self.split_seed = split_seed
+        self.noise_std = noise_std
+        self.mixup_alpha = mixup_alpha
+        self.cutmix_alpha = cutmix_alpha
+        self._mix: BatchMix | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -74,15 +140,28 @@ class ClassificationDataModule(LightningDataModule):
         """``(train, val, test, train_labels)``; ``test`` may be None."""
         raise NotImplementedError
 
+    def build_unlabelled(self) -> Dataset | None:
+        """Extra training rows without labels (label ``-100``), or None. Used only when ``use_unlabelled``."""
+        return None
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         train, self.val_set, self.test_set, train_labels = self.build_datasets()
-        labelled = labelled_subset(train_labels, self.labelled_fraction, self.split_seed)
         if self.labelled_fraction < 1.0:
+            labelled = labelled_subset(train_labels, self.labelled_fraction, self.split_seed)
             train = PartiallyLabelled(train, labelled) if self.use_unlabelled else Subset(train, labelled)
+        if self.use_unlabelled:
+            extra = self.build_unlabelled()
+            if extra is not None:
+                train = ConcatDataset([train, extra])
+        else:
+            extra_dir = getattr(self, "unlabelled_dir", None)
+            if extra_dir:
+                rank_zero_info(f"use_unlabelled is false: the images in unlabelled_dir={extra_dir} are not used.")
         self.train_set = train
 
+    # -- loaders --------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no such split; call setup() first or check the data.")
@@ -98,3 +177,23 @@ class ClassificationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set if self.test_set is not None else self.val_set, shuffle=False)
+
+    # -- batch-level augmentation, on the device -------------------------------------------------------------
+    def augment_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """MixUp/CutMix, then Gaussian noise, on one training batch (a no-op when all are off)."""
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            if self._mix is None:
+                self._mix = BatchMix(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+            x, y = self._mix(x, y)
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn_like(x)
+        return x, y
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return batch
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.noise_std == 0:
+            return batch
+        x, y = self.augment_batch(batch[0], batch[1])
+        return [x, y, *batch[2:]] if isinstance(batch, list) else (x, y, *batch[2:])

@@ -18,22 +18,22 @@ class DigitsDataModule(ClassificationDataModule):
 
     Args:
         val_fraction, test_fraction: shares of the 1,797 images held out (stratified by class).
-        noise_std: standard deviation of Gaussian input noise added to training images (0: off).
-        **kwargs: see :class:`~kd_lightning.data.base.ClassificationDataModule`.
+        noise_std: standard deviation of Gaussian input noise added to training batches (0: off).
+        **kwargs: see :class:`~kd_lightning.data.base.ClassificationDataModule` (loader settings,
+            ``labelled_fraction``, ``use_unlabelled``, ``split_seed``, ``mixup_alpha``, ``cutmix_alpha``).
     """
 
     def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2, noise_std: float = 0.0,
                  batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, labelled_fraction: float = 1.0, use_unlabelled: bool = True,
-                 split_seed: int = 0) -> None:
+                 split_seed: int = 0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, labelled_fraction,
-                         use_unlabelled, split_seed)
+                         use_unlabelled, split_seed, noise_std=noise_std, mixup_alpha=mixup_alpha,
+                         cutmix_alpha=cutmix_alpha)
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got "
                              f"{val_fraction} and {test_fraction}.")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
-        self.val_fraction, self.test_fraction, self.noise_std = val_fraction, test_fraction, noise_std
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.num_classes = 10
         self.class_names = [str(d) for d in range(10)]
         self.input_shape = (1, 8, 8)
@@ -47,22 +47,5 @@ class DigitsDataModule(ClassificationDataModule):
         fractions = [1 - self.val_fraction - self.test_fraction, self.val_fraction, self.test_fraction]
         train_idx, val_idx, test_idx = stratified_split(labels.tolist(), fractions, self.split_seed)
         full = TensorDataset(images, labels)
-        train: Dataset = Subset(full, train_idx)
-        if self.noise_std > 0:
-            train = _GaussianNoise(train, self.noise_std)
         test = Subset(full, test_idx) if test_idx else None
-        return train, Subset(full, val_idx), test, labels[train_idx].tolist()
-
-
-class _GaussianNoise(Dataset):
-    """Adds N(0, std^2) noise to each image, fresh at every access."""
-
-    def __init__(self, dataset: Dataset, std: float) -> None:
-        self.dataset, self.std = dataset, std
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        x, y = self.dataset[i]
-        return x + self.std * torch.randn_like(x), y
+        return Subset(full, train_idx), Subset(full, val_idx), test, labels[train_idx].tolist()
