@@ -1,0 +1,12 @@
+"""Callbacks to drop into any experiment config (``trainer.callbacks`` in YAML):
+
+- :class:`TemperatureScheduler`: schedule the temperature, ``alpha`` or a feature-loss weight.
+- :class:`ProgressiveUnfreezing`: unfreeze the student's stages one by one, correctly under DDP.
+- :class:`KLDivergenceLogger`: KL(teacher || student), entropies and agreement in TensorBoard.
+"""
+
+from kd_lightning.callbacks.kl_divergence_logger import KLDivergenceLogger
+from kd_lightning.callbacks.progressive_unfreezing import ProgressiveUnfreezing
+from kd_lightning.callbacks.temperature_scheduler import TemperatureScheduler
+
+__all__ = ["KLDivergenceLogger", "ProgressiveUnfreezing", "TemperatureScheduler"]

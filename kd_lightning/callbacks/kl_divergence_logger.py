@@ -1,0 +1,319 @@
+r"""
+KLDivergenceLogger
+^^^^^^^^^^^^^^^^^^
+
+How far the student is from its teacher, in TensorBoard. With student logits :math:`z_s`, teacher logits
+:math:`z_t`, softmax :math:`\sigma` and the module's current temperature :math:`T`:
+
+.. math::
+
+    \mathrm{KL}_T = \mathrm{KL}\big(\sigma(z_t/T) \,\|\, \sigma(z_s/T)\big), \qquad
+    H(z) = -\sum_c \sigma(z)_c \log \sigma(z)_c, \qquad
+    \mathrm{agreement} = [\arg\max z_s = \arg\max z_t]
+
+(natural logarithms: nats; :math:`\mathrm{KL}_T` without the :math:`T^2` factor of the loss).
+
+Every ``log_every_n_steps`` training steps (mean over the batch, averaged over DDP ranks):
+
+- ``kl_train/kl_T`` and ``kl_train/kl_T1``: :math:`\mathrm{KL}_T` at the current temperature and at T=1,
+- ``kl_train/entropy_teacher``, ``kl_train/entropy_student``: prediction entropies at T=1,
+- ``kl_train/agreement``: top-1 agreement of student and teacher.
+
+Every validation epoch, over the whole validation set (torchmetrics states, summed across DDP ranks):
+
+- ``kl_val/kl_T``, ``kl_val/kl_T1``, ``kl_val/entropy_teacher``, ``kl_val/entropy_student``, ``kl_val/agreement``,
+- ``kl_val/teacher_right_student_wrong`` and ``kl_val/student_right_teacher_wrong``: fractions of the
+  labelled rows,
+- ``kl_val/class_kl_T1/<class>``: mean :math:`\mathrm{KL}_1` of the rows of each true class (as scalars for
+  up to ``max_class_scalars`` classes; beyond that a text table of the worst classes, ``kl_val/class_kl_T1``),
+- TensorBoard only: the histogram ``kl_val/per_sample_kl_T1`` of :math:`\mathrm{KL}_1` per row; the image and
+  text ``kl_val/error_confusion``: counts of (true class, student's prediction) over the rows where the teacher
+  is right and the student wrong -- which classes the student has not learned from its teacher (image up to
+  100 classes; rows: true class, columns: the student's prediction, white 0 to red max).
+
+Cost: the logits come from the step outputs of :class:`~kd_lightning.module.DistillationModule` (no extra
+forward pass). On a training step that logs nothing, the callback does integer arithmetic only: no tensor
+work, no host-device synchronisation. Validation batches update on-device sums (no boolean indexing, no
+``.item()``); the single reduction and transfer happen at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+from typing_extensions import override
+
+from kd_lightning.losses import entropy, kl_divergence
+
+IGNORE_INDEX = -100
+_MAX_IMAGE_CLASSES = 100
+STEP_TAGS = ("kl_T", "kl_T1", "entropy_teacher", "entropy_student", "agreement")
+
+
+def hard_labels(targets: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """``(labels, labelled)``, both ``(B,)``: class indices (0 where unlabelled) and a 0/1 float mask.
+
+    ``targets``: class indices ``(B,)`` with -100 for unlabelled rows, or soft labels ``(B, K)`` (MixUp/CutMix:
+    the argmax is the label, an all-zero row is unlabelled).
+    """
+    if targets.ndim == 2:
+        return targets.argmax(-1), (targets.sum(-1) > 0).float()
+    labelled = (targets >= 0) & (targets < num_classes)
+    return targets.clamp(0, num_classes - 1).long(), labelled.float()
+
+
+class DistillationStats(Metric):
+    r"""Validation-set statistics of a (student, teacher) pair, as sums: reduced across DDP ranks by summing.
+
+    ``update(student_logits (B, K), teacher_logits (B, K), targets (B,) or (B, K), temperature)`` touches
+    device tensors only (``index_add_`` with 0/1 weights instead of boolean indexing): no host sync.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, per_sample: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.per_sample = per_sample
+        for name in ("rows", "kl_T", "kl_T1", "entropy_teacher", "entropy_student", "agreement", "labelled",
+                     "teacher_right_student_wrong", "student_right_teacher_wrong"):
+            self.add_state(name, torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("class_kl", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,) sum of KL_1 per class
+        self.add_state("class_rows", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,)
+        # (K, K): [true class, student prediction], rows where the teacher is right and the student wrong
+        self.add_state("error_confusion", torch.zeros(num_classes, num_classes), dist_reduce_fx="sum")
+        if per_sample:
+            self.add_state("per_sample_kl", [], dist_reduce_fx="cat")  # list of (B,)
+
+    def update(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,  # type: ignore[override]
+               temperature: float) -> None:
+        k = self.num_classes
+        kl_t = kl_divergence(student_logits, teacher_logits, temperature, reduction="none")  # (B,)
+        kl_1 = kl_divergence(student_logits, teacher_logits, 1.0, reduction="none")  # (B,)
+        student_pred = student_logits.argmax(-1)  # (B,)
+        teacher_pred = teacher_logits.argmax(-1)  # (B,)
+        labels, labelled = hard_labels(targets.to(student_pred.device), k)  # (B,), (B,)
+        student_right = (student_pred == labels).float()  # (B,)
+        teacher_right = (teacher_pred == labels).float()  # (B,)
+        self.rows += kl_1.numel()
+        self.kl_T += kl_t.sum()
+        self.kl_T1 += kl_1.sum()
+        self.entropy_teacher += entropy(teacher_logits).sum()
+        self.entropy_student += entropy(student_logits).sum()
+        self.agreement += (student_pred == teacher_pred).float().sum()
+        self.labelled += labelled.sum()
+        t_not_s = teacher_right * (1.0 - student_right) * labelled  # (B,) 0/1
+        self.teacher_right_student_wrong += t_not_s.sum()
+        self.student_right_teacher_wrong += (student_right * (1.0 - teacher_right) * labelled).sum()
+        self.class_kl.index_add_(0, labels, kl_1 * labelled)
+        self.class_rows.index_add_(0, labels, labelled)
+        self.error_confusion.view(-1).index_add_(0, labels * k + student_pred, t_not_s)
+        if self.per_sample:
+            self.per_sample_kl.append(kl_1)
+
+    def compute(self) -> dict[str, Tensor]:
+        rows = self.rows.clamp(min=1)
+        labelled = self.labelled.clamp(min=1)
+        out = {
+            "kl_T": self.kl_T / rows, "kl_T1": self.kl_T1 / rows,
+            "entropy_teacher": self.entropy_teacher / rows, "entropy_student": self.entropy_student / rows,
+            "agreement": self.agreement / rows,
+            "teacher_right_student_wrong": self.teacher_right_student_wrong / labelled,
+            "student_right_teacher_wrong": self.student_right_teacher_wrong / labelled,
+            "class_kl_T1": self.class_kl / self.class_rows.clamp(min=1),  # (K,)
+            "class_rows": self.class_rows,  # (K,)
+            "error_confusion": self.error_confusion,  # (K, K)
+            "rows": self.rows,
+        }
+        if self.per_sample:  # a list of (B,) tensors, or one (N,) tensor after the DDP gather
+            values = self.per_sample_kl
+            empty = isinstance(values, list) and not values
+            out["per_sample_kl_T1"] = self.rows.new_zeros(0) if empty else dim_zero_cat(values)  # (N,)
+        return out
+
+
+def _tag_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+class KLDivergenceLogger(Callback):
+    r"""Logs student-vs-teacher divergence, entropies and agreement (see the module docstring for the tags).
+
+    Needs a module whose training/validation steps return ``{"student_logits", "teacher_logits"}`` and that
+    has a ``temperature`` (:class:`~kd_lightning.module.DistillationModule`).
+
+    Args:
+        log_every_n_steps: training-step statistics every this many optimizer steps, on the same step axis
+            as the module's ``train/*`` curves; ``None``: the trainer's ``log_every_n_steps``.
+        log_train: log the per-step training statistics.
+        log_val: log the per-epoch validation statistics.
+        max_class_scalars: log per-class mean KL as one scalar per class up to this many classes, and as a
+            text table of the ``max_class_scalars`` worst classes above (0: text table only).
+        histogram: log the per-sample KL histogram (keeps one float per validation row until epoch end).
+        top_confusions: rows of the text table of the most frequent teacher-right/student-wrong pairs.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, log_train: bool = True, log_val: bool = True,
+                 max_class_scalars: int = 20, histogram: bool = True, top_confusions: int = 10) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
+                                              or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}.")
+        for name, value in (("max_class_scalars", max_class_scalars), ("top_confusions", top_confusions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.log_train = log_train
+        self.log_val = log_val
+        self.max_class_scalars = max_class_scalars
+        self.histogram = histogram
+        self.top_confusions = top_confusions
+        self._last_logged_step = -1
+        self._stats: DistillationStats | None = None
+        self._class_names: list[str] = []
+        self.last_val_stats: dict[str, Tensor] = {}  # the latest validation epoch's results (reduced), on CPU
+
+    # -- state --------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self._last_logged_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_logged_step = state_dict["last_logged_step"]
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        num_classes = getattr(pl_module, "num_classes", None)
+        if not hasattr(pl_module, "temperature") or not isinstance(num_classes, int):
+            raise ValueError(f"KLDivergenceLogger needs a distillation module (with `temperature` and "
+                             f"`num_classes`, returning student and teacher logits from its steps, such as "
+                             f"kd_lightning.DistillationModule); got {type(pl_module).__name__}.")
+        names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
+        names = [str(n) for n in names] if names is not None and len(names) == num_classes else []
+        self._class_names = names or [str(i) for i in range(num_classes)]
+        self._stats = DistillationStats(num_classes, per_sample=self.histogram)
+
+    @staticmethod
+    def _logits(outputs: Any, pl_module: "pl.LightningModule") -> tuple[Tensor, Tensor]:
+        if not isinstance(outputs, Mapping) or "student_logits" not in outputs or "teacher_logits" not in outputs:
+            raise TypeError("KLDivergenceLogger reads `student_logits` and `teacher_logits` from the step outputs "
+                            f"(as DistillationModule returns them), but {type(pl_module).__name__} returned "
+                            f"{type(outputs).__name__}"
+                            + (f" with keys {sorted(outputs)}." if isinstance(outputs, Mapping) else "."))
+        return outputs["student_logits"].detach(), outputs["teacher_logits"].detach()  # (B, K), (B, K)
+
+    @staticmethod
+    def _step(trainer: "pl.Trainer") -> int:
+        # the step axis of Lightning's own logged metrics (what LearningRateMonitor uses too)
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    # -- training steps ---------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not self.log_train or not trainer.loggers:
+            return
+        step = self._step(trainer)
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        # Python ints only up to here: a step that logs nothing costs no tensor op and no host sync. The
+        # decision depends on the step counter only, so it is the same on every rank (the reduce below is safe).
+        if every < 1 or (step + 1) % every != 0 or step <= self._last_logged_step:
+            return
+        self._last_logged_step = step
+        student, teacher = self._logits(outputs, pl_module)
+        temperature = float(pl_module.temperature)
+        stats = torch.stack([
+            kl_divergence(student, teacher, temperature),  # batchmean: sum over classes, mean over rows
+            kl_divergence(student, teacher, 1.0),
+            entropy(teacher).mean(),
+            entropy(student).mean(),
+            (student.argmax(-1) == teacher.argmax(-1)).float().mean(),
+        ])  # (5,)
+        stats = trainer.strategy.reduce(stats, reduce_op="mean")  # average over DDP ranks
+        if trainer.is_global_zero:
+            metrics = {f"kl_train/{name}": value for name, value in zip(STEP_TAGS, stats.tolist())}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # -- validation ---------------------------------------------------------------------------------------
+    @override
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.log_val or trainer.sanity_checking or self._stats is None:
+            return
+        student, teacher = self._logits(outputs, pl_module)
+        if self._stats.device != student.device:
+            self._stats.to(student.device)
+        self._stats.update(student, teacher, batch[1], float(pl_module.temperature))
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._stats is None or not self._stats.update_called:
+            return
+        results = self._stats.compute()  # a collective under DDP: every rank gets the global sums
+        self._stats.reset()
+        names = self._class_names
+        scalars = {f"kl_val/{name}": results[name] for name in STEP_TAGS + (
+            "teacher_right_student_wrong", "student_right_teacher_wrong")}
+        if len(names) <= self.max_class_scalars:
+            scalars.update({f"kl_val/class_kl_T1/{_tag_safe(n)}": v for n, v in zip(names, results["class_kl_T1"])})
+        # The values are already reduced across ranks; sync_dist=True re-averages identical values (a no-op)
+        # and keeps Lightning's "use sync_dist=True on epoch level" DDP warning quiet.
+        pl_module.log_dict(scalars, sync_dist=True)
+        self.last_val_stats = {name: value.detach().cpu() for name, value in results.items()}
+        if trainer.is_global_zero:
+            self._write_tensorboard(trainer, self.last_val_stats)
+
+    def _write_tensorboard(self, trainer: "pl.Trainer", results: dict[str, Tensor]) -> None:
+        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if not writers:
+            return
+        step = self._step(trainer)
+        names = self._class_names
+        texts = {"kl_val/error_confusion": self._confusion_table(results["error_confusion"])}
+        if len(names) > self.max_class_scalars:
+            texts["kl_val/class_kl_T1"] = self._class_table(results["class_kl_T1"], results["class_rows"])
+        image = self._confusion_image(results["error_confusion"])
+        for writer in writers:
+            if self.histogram and results["per_sample_kl_T1"].numel():
+                writer.add_histogram("kl_val/per_sample_kl_T1", results["per_sample_kl_T1"], global_step=step)
+            if image is not None:
+                writer.add_image("kl_val/error_confusion", image, global_step=step, dataformats="CHW")
+            for tag, text in texts.items():
+                writer.add_text(tag, text, global_step=step)
+
+    def _confusion_table(self, confusion: Tensor) -> str:
+        """Markdown: the most frequent (true class, student prediction) pairs where the teacher is right."""
+        names, k = self._class_names, confusion.shape[0]
+        counts, flat = confusion.flatten().sort(descending=True)
+        rows = [f"| {names[i // k]} | {names[i % k]} | {int(c)} |"
+                for c, i in zip(counts[:self.top_confusions].tolist(), flat[:self.top_confusions].tolist()) if c > 0]
+        header = "| true class | student predicts | rows (teacher right) |\n|---|---|---|\n"
+        return header + ("\n".join(rows) if rows else "| - | - | 0 |")
+
+    def _class_table(self, class_kl: Tensor, class_rows: Tensor) -> str:
+        order = class_kl.argsort(descending=True)[:max(self.max_class_scalars, 10)].tolist()
+        rows = [f"| {self._class_names[i]} | {class_kl[i].item():.4f} | {int(class_rows[i])} |" for i in order]
+        return "| class | mean KL (T=1) | rows |\n|---|---|---|\n" + "\n".join(rows)
+
+    @staticmethod
+    def _confusion_image(confusion: Tensor) -> Tensor | None:
+        """(3, H, W) float image in [0, 1]: white for 0, red for the largest count; rows true class."""
+        k = confusion.shape[0]
+        if k > _MAX_IMAGE_CLASSES:
+            return None
+        v = confusion.float() / confusion.max().clamp(min=1)  # (K, K) in [0, 1]
+        cell = max(1, 256 // k)
+        v = v.repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # (K*cell, K*cell)
+        return torch.stack([torch.ones_like(v), 1.0 - v, 1.0 - v])  # (3, H, W)
