@@ -127,3 +127,13 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, teacher_weights={self.teacher_weights}"
+
+
+def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Per-row prediction entropy :math:`H(\sigma(z/T)) = -\sum_c p_c \log p_c` in nats, float32, shape ``(B,)``.
+
+    0 for a one-hot prediction, :math:`\log C` for a uniform one over :math:`C` classes.
+    """
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, C)
+    # clamp: a class masked with -inf logits has p = 0 and log p = -inf; 0 * (finite) keeps the sum finite
+    return -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(-1)  # (B,)
