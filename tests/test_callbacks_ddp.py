@@ -20,6 +20,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -97,14 +99,20 @@ def _run_ddp(out: Path, naive: bool) -> dict:
                                                      nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)),
                                teacher=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10, lr=0.1,
                                lr_scheduler="none")  # SGD, momentum 0.9, weight decay 5e-4
-    kl_logger = KLDivergenceLogger()
+    kl_logger = KLDivergenceLogger(log_every_n_steps=2)  # its per-step statistics are averaged over the ranks
     unfreezing = NaiveFinetuning() if naive else ProgressiveUnfreezing(STAGES, verbose=False)
+    # a fixed version: the forked rank 0 writes the folder that this process reads afterwards
+    logger = TensorBoardLogger(out.parent, name=out.stem, version=0, default_hp_metric=False)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=MAX_EPOCHS,
-                         callbacks=[unfreezing, kl_logger, Record(out, val, kl_logger)], logger=False,
+                         callbacks=[unfreezing, kl_logger, Record(out, val, kl_logger)], logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     trainer.fit(model, DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    results["points"] = {tag: len(events.Scalars(tag)) for tag in ("kl_train/kl_T1", "kl_val/kl_T1")}
+    return results
 
 
 def test_ddp_unfreezing_keeps_ranks_identical(tmp_path):
@@ -123,6 +131,8 @@ def test_ddp_unfreezing_keeps_ranks_identical(tmp_path):
     # KLDivergenceLogger: the validation statistics cover both ranks' halves of the validation set
     assert ours["val_rows"] == VAL_ROWS
     assert ours["kl_val_kl_T1"] == pytest.approx(ours["reference_kl_T1"], rel=1e-5)
+    # rank 0 wrote them: 3 epochs x 4 steps (64 rows per rank, batches of 16), every 2 steps; one per epoch
+    assert ours["points"] == {"kl_train/kl_T1": 6, "kl_val/kl_T1": MAX_EPOCHS}
 
     # control: Lightning's requires_grad approach on the same run lets the replicas drift apart
     naive = _run_ddp(tmp_path / "naive.json", naive=True)
