@@ -40,7 +40,6 @@ early stages frozen, backward runs through them although their gradients are thr
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,8 +48,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
-
-log = logging.getLogger(__name__)
 
 
 def student_of(pl_module: "pl.LightningModule") -> nn.Module:

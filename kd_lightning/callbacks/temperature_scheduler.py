@@ -38,15 +38,12 @@ resolved ``start`` and ``duration`` are saved in the checkpoint so that a resume
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
-
-log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "step", "linear", "exponential", "cosine")
 
