@@ -36,6 +36,16 @@ class KDLightningCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best"})
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps a constructor's error in a long union-validation report: show just the cause.
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is one of our clear input errors
+            cause = _root_cause(err)
+            if isinstance(cause, (ValueError, FileNotFoundError)) and cause is not err:
+                _exit_with_error(cause)
+            raise
+
     def _check_model_fits_data(self) -> None:
         # Before the trainer runs, so a mismatch writes nothing under logs/.
         input_shape = getattr(self.datamodule, "input_shape", None)
@@ -43,13 +53,24 @@ class KDLightningCLI(LightningCLI):
             self.model.check_input_shape(input_shape)
 
     def before_fit(self) -> None:
-        self._check_model_fits_data()
+        try:
+            self._check_model_fits_data()
+        except ValueError as err:
+            _exit_with_error(err)
 
-    def before_validate(self) -> None:
-        self._check_model_fits_data()
+    before_validate = before_fit
+    before_test = before_fit
 
-    def before_test(self) -> None:
-        self._check_model_fits_data()
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _exit_with_error(err: BaseException) -> None:
+    print(f"kd-lightning: error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
@@ -60,7 +81,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
+        parser_kwargs={"description": __doc__, "allow_abbrev": False},
     )
 
 

@@ -109,7 +109,8 @@ class _TrainableModule(LightningModule):
         collection = self.metrics[stage]
         if not collection["acc"].update_called:
             return
-        self.log_dict({f"{stage}/{name}": value for name, value in collection.compute().items()})
+        # already reduced by torchmetrics; sync_dist only re-averages equal values and keeps Lightning quiet
+        self.log_dict({f"{stage}/{name}": value for name, value in collection.compute().items()}, sync_dist=True)
         collection.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -52,9 +52,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | N
     wrong_shape = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
                    if k in own and v.shape != own[k].shape}
     if wrong_shape:
+        heads = {k: (a, b) for k, (a, b) in wrong_shape.items() if num_classes and b[0] == num_classes != a[0]}
+        if heads and len(heads) == len(wrong_shape):  # only the classifier head differs: other data
+            key, (found, _) = next(iter(heads.items()))
+            raise ValueError(f"Class count mismatch: {os.fspath(path)!r} holds a network with {found[0]} classes "
+                             f"(its head {key} has shape {found}), but the data has {num_classes} classes. "
+                             "Teacher, student and data must agree on the classes.")
         found = ", ".join(f"{k}: {a} in the file, {b} in the model" for k, (a, b) in wrong_shape.items())
-        hint = f" The data has {num_classes} classes: was this network trained on other data?" if num_classes else ""
-        raise ValueError(f"Weights in {os.fspath(path)!r} do not fit {type(model).__name__}: {found}.{hint}")
+        raise ValueError(f"Weights in {os.fspath(path)!r} do not fit {type(model).__name__}: {found}. "
+                         "Are the model name and its arguments the ones it was trained with?")
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
         raise ValueError(
