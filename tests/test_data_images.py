@@ -261,3 +261,45 @@ def test_real_cifar10_small():
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (4500, 500, 1000)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 3, 32, 32) and abs(float(x.mean())) < 0.5
+
+
+# -- torchvision sources (their files need a download: faked here) -------------------------------------------------
+def test_cifar_torchvision_mode_split(tmp_path, monkeypatch):
+    import numpy as np
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download=False):
+            n = 50 if train else 20
+            self.data = np.random.default_rng(int(train)).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = [i % 10 for i in range(n)]
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    monkeypatch.setattr(CIFARDataModule, "_torchvision_class", lambda self: FakeCIFAR10)
+    dm = CIFARDataModule(str(tmp_path), val_fraction=0.2, labelled_fraction=0.5)
+    assert dm.source == "torchvision" and dm.class_names == CIFAR10_CLASSES
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (40, 10, 20)
+    assert Counter(labels_of(dm.val_set)) == {k: 1 for k in range(10)}
+    assert labels_of(dm.train_set).count(UNLABELLED) == 20
+    assert dm.train_set[0][0].shape == (3, 32, 32)
+
+
+def test_flowers102_mode_uses_the_official_split(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    paths = write_images(tmp_path / "flowers-102" / "jpg", 6, size=40)
+
+    class FakeFlowers102:
+        classes = [f"flower {k}" for k in range(102)]
+
+        def __init__(self, root, split="train", download=False):
+            part = {"train": [0, 1], "val": [2, 3], "test": [4, 5]}[split]
+            self._image_files = [paths[i] for i in part]
+            self._labels = [i % 2 for i in part]
+
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
+    dm = FlowersDataModule(str(tmp_path), dataset="flowers102", image_size=32)
+    assert dm.num_classes == 102
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (2, 2, 2)
+    assert dm.val_set[0][0].shape == (3, 32, 32)
