@@ -1,0 +1,163 @@
+"""Every experiment config runs: ``fast_dev_run`` of each YAML in experiments/ on CPU with tiny generated data,
+plus one real teacher -> KD -> test pipeline through the ``kd-lightning`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from kd_lightning.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+
+def _is_run_file(path: Path) -> bool:
+    """A run file names its model class; base.yaml and overlays (paper.yaml) only change settings."""
+    config = yaml.safe_load(path.read_text()) or {}
+    return "class_path" in (config.get("model") or {})
+
+
+def _run_files() -> list[Path]:
+    return sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and _is_run_file(p))
+
+
+def _overlay_files() -> list[Path]:
+    return sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and not _is_run_file(p))
+
+
+def _write_images(folder: Path, n: int, size: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.jpg")
+
+
+def tiny_data_args(data_class_path: str, tmp_path: Path) -> list[str]:
+    """CLI overrides that point a config's DataModule at tiny generated data (nothing is downloaded)."""
+    loader = ["--data.init_args.num_workers=0", "--data.init_args.persistent_workers=false"]
+    name = data_class_path.rsplit(".", 1)[-1]
+    if name == "DigitsDataModule":  # bundled with scikit-learn
+        return []
+    if name == "FlowersDataModule":
+        root = tmp_path / "flowers"
+        for k, cls in enumerate(["daisy", "dandelion", "rose", "sunflower", "tulip"]):
+            _write_images(root / cls, 8, 24, seed=k)
+        return [f"--data.init_args.root={root}", "--data.init_args.dataset=folder",
+                "--data.init_args.download=false", "--data.init_args.batch_size=4", *loader]
+    if name == "CIFARDataModule":
+        root = tmp_path / "cifar"
+        for k in range(10):
+            _write_images(root / "train" / f"c{k}", 6, 32, seed=k)
+            _write_images(root / "test" / f"c{k}", 2, 32, seed=100 + k)
+        return [f"--data.init_args.root={root}", "--data.init_args.source=folder",
+                "--data.init_args.download=false", "--data.init_args.batch_size=4",
+                "--data.init_args.val_fraction=0.2", *loader]
+    raise AssertionError(f"tests/test_experiments.py has no tiny data for {data_class_path}: add it here.")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Nested dict merge, as the CLI merges several --config files."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _fast_dev_run(configs: list[Path], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # whatever a config writes stays in tmp_path
+    merged: dict = {}
+    for config in configs:
+        merged = _merge(merged, yaml.safe_load(config.read_text()) or {})
+    args = ["fit", *[f"--config={c}" for c in configs], "--trainer.fast_dev_run=true",
+            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+            "--trainer.enable_progress_bar=false", *tiny_data_args(merged["data"]["class_path"], tmp_path)]
+    model = merged.get("model") or {}
+    if "DistillationModule" in model.get("class_path", ""):
+        args.append("--model.init_args.teacher_checkpoint=null")  # a random-weight teacher
+    cli_main(args)
+
+
+@pytest.mark.parametrize("run_file", _run_files(), ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_experiment_config_fast_dev_run(run_file, tmp_path, monkeypatch):
+    _fast_dev_run([run_file.parent / "base.yaml", run_file], tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("overlay", _overlay_files(), ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_overlay_config_fast_dev_run(overlay, tmp_path, monkeypatch):
+    run_files = [p for p in _run_files() if p.parent == overlay.parent]
+    assert run_files, f"{overlay} is an overlay with no run file beside it"
+    for run_file in run_files:
+        _fast_dev_run([overlay.parent / "base.yaml", run_file, overlay], tmp_path, monkeypatch)
+
+
+def test_every_experiment_folder_has_a_base():
+    folders = {p.parent for p in EXPERIMENTS.rglob("*.yaml")}
+    assert folders and all((f / "base.yaml").is_file() for f in folders)
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_teacher_then_kd_then_test_through_the_command_line(tmp_path):
+    """The digits pipeline as the README runs it: the KD run finds the teacher's checkpoint by its path."""
+    base, short = str(EXPERIMENTS / "digits" / "base.yaml"), ["--trainer.max_epochs=2",
+                                                              "--trainer.enable_progress_bar=false"]
+    teacher = _cli(tmp_path, "fit", f"--config={base}", f"--config={EXPERIMENTS / 'digits' / 'teacher.yaml'}", *short)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    assert (tmp_path / "logs/digits/teacher/checkpoints/best.ckpt").is_file()
+    assert (tmp_path / "logs/digits/teacher/version_0/config.yaml").is_file()  # the resolved config beside the logs
+
+    kd_config = f"--config={EXPERIMENTS / 'digits' / 'kd.yaml'}"
+    kd = _cli(tmp_path, "fit", f"--config={base}", kd_config, *short)
+    assert kd.returncode == 0, kd.stderr[-3000:]
+    run_dir = tmp_path / "logs/digits/kd/version_0"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["temperature"] == 4.0
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["num_classes"] == 10 and hparams["temperature"] == 4.0  # num_classes linked from the data
+    ckpt = next((run_dir / "checkpoints").glob("last*.ckpt"))
+    assert not [k for k in torch.load(ckpt, weights_only=False)["state_dict"] if k.startswith("teacher.")]
+
+    test = _cli(tmp_path, "test", f"--config={base}", kd_config, f"--ckpt_path={ckpt}")
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/agreement" in test.stdout and "test/acc" in test.stdout
+
+    resumed = _cli(tmp_path, "fit", f"--config={base}", kd_config, "--trainer.max_epochs=3",
+                   "--trainer.enable_progress_bar=false", f"--ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--model.init_args.teacher_checkpoint=missing.ckpt", "Checkpoint file not found: 'missing.ckpt'"),
+    ("--model.init_args.student=resnet99", "Unknown model name 'resnet99'. Known models: digits_cnn"),
+    ("--model.init_args.temprature=2", "temprature"),
+])
+def test_bad_input_fails_before_anything_is_written(tmp_path, override, message):
+    result = _cli(tmp_path, "fit", f"--config={EXPERIMENTS / 'digits' / 'base.yaml'}",
+                  f"--config={EXPERIMENTS / 'digits' / 'kd.yaml'}", override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_class_count_mismatch_is_reported_before_training(tmp_path):
+    from kd_lightning.models import build_model
+
+    torch.save(build_model("mlp", 5, hidden=[256, 256], dropout=0.2).state_dict(), tmp_path / "five.pt")
+    result = _cli(tmp_path, "fit", f"--config={EXPERIMENTS / 'digits' / 'base.yaml'}",
+                  f"--config={EXPERIMENTS / 'digits' / 'kd.yaml'}", "--model.init_args.teacher_checkpoint=five.pt")
+    assert result.returncode != 0
+    assert "5 classes" in result.stderr and "data has 10 classes" in result.stderr
+    assert not (tmp_path / "logs").exists()
