@@ -1,0 +1,22 @@
+# Fresh machine to results in one command each. Needs python3 (3.10+) and pip access to PyPI.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+quickstart: setup  ## teacher / KD student / scratch student on the bundled digits, printed as a table
+	$(BIN)/kd-lightning quickstart
+
+test: setup  ## the whole test suite (slow tests included)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) logs/quickstart .pytest_cache
