@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -274,6 +275,10 @@ class DistillationModule(_TrainableModule):
             teacher, num_classes, checkpoint=teacher_checkpoint, pretrained=teacher_pretrained,
             **(teacher_kwargs or {}))
         self.teacher.requires_grad_(False).eval()
+        # DDP must neither broadcast nor reduce the frozen teacher (every rank builds the same one): ignoring it
+        # also spares the per-step broadcast of its BatchNorm buffers.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"teacher.{name}" for name in self.teacher.state_dict()])
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.teacher_weights = teacher_weights
