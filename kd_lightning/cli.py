@@ -17,6 +17,11 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+# imported so that `--data.help`, `--model.help` and `trainer.callbacks` know kd_lightning's classes by name
+import kd_lightning.callbacks  # noqa: F401
+import kd_lightning.data  # noqa: F401
+import kd_lightning.module  # noqa: F401
+
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -51,6 +56,10 @@ class KDLightningCLI(LightningCLI):
         input_shape = getattr(self.datamodule, "input_shape", None)
         if input_shape is not None and hasattr(self.model, "check_input_shape"):
             self.model.check_input_shape(input_shape)
+        if self.subcommand == "fit":  # kd_lightning callbacks check their settings against the model in setup
+            for callback in self.trainer.callbacks:
+                if type(callback).__module__.startswith("kd_lightning."):
+                    callback.setup(self.trainer, self.model, "fit")
 
     def before_fit(self) -> None:
         try:
@@ -63,9 +72,13 @@ class KDLightningCLI(LightningCLI):
 
 
 def _root_cause(err: BaseException) -> BaseException:
+    """The deepest ValueError/FileNotFoundError in the ``__cause__`` chain (our message), else ``err``."""
+    found = err
     while err.__cause__ is not None:
         err = err.__cause__
-    return err
+        if isinstance(err, (ValueError, FileNotFoundError)):
+            found = err
+    return found
 
 
 def _exit_with_error(err: BaseException) -> None:

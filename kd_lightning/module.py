@@ -5,13 +5,16 @@ metrics and logging, so a KD student and its scratch baseline are measured the s
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from typing import Any, Literal, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -78,8 +81,14 @@ class _TrainableModule(LightningModule):
         if hp.lr_scheduler == "none":
             return opt
         if hp.lr_scheduler == "cosine":  # per step, over the whole run, after an optional linear warm-up
+            if math.isinf(self.trainer.estimated_stepping_batches):
+                raise ValueError("lr_scheduler 'cosine' needs a finite run: set trainer.max_epochs or max_steps.")
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+            if self.trainer.train_dataloader is None:  # max_steps runs: Lightning has not loaded it yet
+                self.trainer.fit_loop.setup_data()
+            batches = self.trainer.num_training_batches
+            steps_per_epoch = total if math.isinf(batches) else max(
+                1, math.ceil(batches / self.trainer.accumulate_grad_batches))
             warmup = min(hp.warmup_epochs * steps_per_epoch, total - 1)
             cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup)
             sched = cosine if warmup == 0 else torch.optim.lr_scheduler.SequentialLR(
@@ -282,6 +291,7 @@ class DistillationModule(_TrainableModule):
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.teacher_weights = teacher_weights
+        self._teacher_fingerprint: str | None = None
         self.metrics = self._make_metrics(teacher=True)
 
     # -- the teacher stays frozen, in eval mode, and out of checkpoints --------------------------------------
@@ -302,6 +312,29 @@ class DistillationModule(_TrainableModule):
         for key, value in self.teacher.state_dict(prefix="teacher.").items():
             state_dict.setdefault(key, value)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def teacher_fingerprint(self) -> str:
+        """sha256 of the teacher's weights and buffers: checkpoints record which teacher trained the student."""
+        if self._teacher_fingerprint is None:  # the teacher is frozen: compute once
+            digest = hashlib.sha256()
+            for key, value in sorted(self.teacher.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            self._teacher_fingerprint = digest.hexdigest()
+        return self._teacher_fingerprint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("teacher_fingerprint")
+        if saved is not None and saved != self.teacher_fingerprint():
+            rank_zero_warn(
+                "The teacher rebuilt for this checkpoint is not the one the student was trained with (teacher "
+                f"weights fingerprint {self.teacher_fingerprint()[:12]} != {saved[:12]}; teacher_checkpoint="
+                f"{self.hparams.get('teacher_checkpoint')!r}, resolved from {os.getcwd()!r}). Was the teacher "
+                "retrained or the path changed? Resuming would distil from another teacher, and teacher_acc, "
+                "agreement and kl will differ.")
 
     def trainable_module(self) -> nn.Module:
         return self.student

@@ -142,6 +142,7 @@ def test_teacher_then_kd_then_test_through_the_command_line(tmp_path):
     ("--model.init_args.teacher_checkpoint=missing.ckpt", "Checkpoint file not found: 'missing.ckpt'"),
     ("--model.init_args.student=resnet99", "Unknown model name 'resnet99'. Known models: digits_cnn"),
     ("--model.init_args.temprature=2", "temprature"),
+    ("--model.init_args.student_kwargs={hiden: [32]}", "Cannot build model 'mlp' with arguments {'hiden': [32]}"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, override, message):
     result = _cli(tmp_path, "fit", f"--config={EXPERIMENTS / 'digits' / 'base.yaml'}",
@@ -160,4 +161,16 @@ def test_class_count_mismatch_is_reported_before_training(tmp_path):
                   f"--config={EXPERIMENTS / 'digits' / 'kd.yaml'}", "--model.init_args.teacher_checkpoint=five.pt")
     assert result.returncode != 0
     assert "5 classes" in result.stderr and "data has 10 classes" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_callback_settings_are_checked_before_anything_is_written(tmp_path):
+    bad = tmp_path / "bad_callback.yaml"
+    bad.write_text("trainer:\n  callbacks:\n    - class_path: kd_lightning.callbacks.ProgressiveUnfreezing\n"
+                   "      init_args: {unfreeze_at: {layer1: 2}}\n")
+    result = _cli(tmp_path, "fit", f"--config={EXPERIMENTS / 'digits' / 'base.yaml'}",
+                  f"--config={EXPERIMENTS / 'digits' / 'scratch.yaml'}", f"--config={bad}")
+    assert result.returncode != 0
+    assert "has no module 'layer1'" in result.stderr and "net.1" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "logs").exists()

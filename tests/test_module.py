@@ -224,6 +224,21 @@ def test_warmup_then_cosine(tmp_path):
     assert lrs[-1] < lrs[steps]  # then decaying
 
 
+def test_warmup_is_measured_in_epochs_when_the_run_is_limited_by_max_steps(tmp_path):
+    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, lr=0.1, warmup_epochs=1)
+    lrs = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    train, _ = loaders()  # 6 batches an epoch
+    trainer(tmp_path, max_epochs=-1, max_steps=24, callbacks=[Record()]).fit(module, train)
+    peak = max(range(len(lrs)), key=lrs.__getitem__)
+    assert peak == len(train)  # warm-up over one epoch (6 steps), not over the whole run
+    assert lrs[-1] < lrs[peak] / 2
+
+
 def test_classifier_multi_head_loss_weights_aux_heads():
     class TwoHeads(nn.Module):
         def __init__(self):
@@ -306,3 +321,29 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="1000 classes"):
         DistillationModule(student="mlp", teacher="resnet18", num_classes=3, teacher_pretrained=True)
     assert sorted(os.listdir(tmp_path)) == ["five.pt"]
+
+
+def test_resume_with_another_teacher_warns(tmp_path):
+    """The teacher is not in checkpoints; its fingerprint is, so a retrained or moved teacher is noticed."""
+    torch.save(build_model("mlp", NUM_CLASSES, in_features=192, hidden=[8]).state_dict(), tmp_path / "t.pt")
+
+    def make():
+        return DistillationModule(student="mlp", teacher="mlp", num_classes=NUM_CLASSES,
+                                  teacher_checkpoint=str(tmp_path / "t.pt"),
+                                  student_kwargs={"in_features": 192, "hidden": [4]},
+                                  teacher_kwargs={"in_features": 192, "hidden": [8]})
+
+    train, val = loaders()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(make(), train, val)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert len(saved["teacher_fingerprint"]) == 64
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same teacher: no warning
+        DistillationModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    torch.save(build_model("mlp", NUM_CLASSES, in_features=192, hidden=[8]).state_dict(), tmp_path / "t.pt")
+    with pytest.warns(UserWarning, match="not the one the student was trained with"):
+        DistillationModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
