@@ -25,7 +25,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Checkpoint file not found: {os.fspath(path)!r} (resolved from {os.getcwd()!r}). Pass the path of "
-            "a Lightning .ckpt written by `kd-lightning fit` (logs/<name>/version_<n>/checkpoints/*.ckpt) or of a "
+            "a Lightning .ckpt written by `kd-lightning fit` (its checkpoint.dirpath, by default "
+            "logs/<name>/version_<n>/checkpoints/*.ckpt) or of a "
             "file saved with torch.save(model.state_dict(), path)."
         )
     blob: Any = torch.load(path, map_location="cpu", weights_only=True)
