@@ -63,6 +63,17 @@ def test_flowers_split_is_seeded_stratified_and_identical(flowers):
     assert batch[0].shape == (8, 3, 16, 16) and batch[1].dtype == torch.int64
 
 
+def test_loader_settings_with_worker_processes(flowers):
+    dm = FlowersDataModule(str(flowers), image_size=16, batch_size=5, num_workers=1, persistent_workers=True,
+                           labelled_fraction=0.5)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 1 and loader.persistent_workers and loader.drop_last
+    x, y = next(iter(loader))
+    assert x.shape == (5, 3, 16, 16) and ((y == UNLABELLED) | (y >= 0)).all()
+    assert not FlowersDataModule(str(flowers), persistent_workers=True).persistent_workers  # needs workers
+
+
 def test_flowers_ready_made_train_val_folders(tmp_path):
     root = tmp_path / "split"
     write_class_folders(root / "train", ["a", "b"], per_class=6, size=20)
