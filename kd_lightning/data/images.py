@@ -173,7 +173,8 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        for step in range(min(len(self.items), 16)):
+        tries = min(len(self.items), 16)
+        for step in range(tries):
             j = (i + step) % len(self.items)
             try:
                 image = self.load(self.items[j])
@@ -186,8 +187,8 @@ class ImageDataset(Dataset):
                 continue
             label = self.labels[i] if step == 0 else UNLABELLED
             return (self.transform(image) if self.transform is not None else image), label
-        raise RuntimeError(f"Cannot decode image {self.items[i]} nor the 15 images after it: is the data folder "
-                           "readable?")
+        raise RuntimeError(f"Cannot decode image {self.items[i]} nor the {tries - 1} images after it: is the data "
+                           "folder readable?")
 
 
 # -- folder scans -----------------------------------------------------------------------------------------------
@@ -199,12 +200,6 @@ class ImageFolderScan:
     class_names: list[str]
     paths: list[Path]
     labels: list[int]
-
-    def class_counts(self) -> list[int]:
-        counts = [0] * len(self.class_names)
-        for y in self.labels:
-            counts[y] += 1
-        return counts
 
 
 def _layout_error(cls_name: str, problem: str, layouts: str) -> FileNotFoundError:
