@@ -209,16 +209,22 @@ def test_optimizer_and_scheduler_from_names(tmp_path, optimizer, scheduler, kind
     assert opt.param_groups[0]["lr"] < 0.01  # the schedule moved the learning rate down
 
 
-def test_warmup_then_cosine(tmp_path):
-    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, lr=0.1, warmup_epochs=1)
-    lrs = []
+def _lr_recorder():
+    """A callback appending the learning rate seen by each training step to the returned list."""
+    lrs: list[float] = []
 
     class Record(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
+    return lrs, Record()
+
+
+def test_warmup_then_cosine(tmp_path):
+    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, lr=0.1, warmup_epochs=1)
+    lrs, record = _lr_recorder()
     train, _ = loaders()
-    trainer(tmp_path, max_epochs=3, callbacks=[Record()]).fit(module, train)
+    trainer(tmp_path, max_epochs=3, callbacks=[record]).fit(module, train)
     steps = len(train)
     assert lrs[0] < lrs[steps - 1] <= 0.1 + 1e-9  # rising during warm-up
     assert lrs[-1] < lrs[steps]  # then decaying
@@ -226,14 +232,9 @@ def test_warmup_then_cosine(tmp_path):
 
 def test_warmup_is_measured_in_epochs_when_the_run_is_limited_by_max_steps(tmp_path):
     module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, lr=0.1, warmup_epochs=1)
-    lrs = []
-
-    class Record(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
+    lrs, record = _lr_recorder()
     train, _ = loaders()  # 6 batches an epoch
-    trainer(tmp_path, max_epochs=-1, max_steps=24, callbacks=[Record()]).fit(module, train)
+    trainer(tmp_path, max_epochs=-1, max_steps=24, callbacks=[record]).fit(module, train)
     peak = max(range(len(lrs)), key=lrs.__getitem__)
     assert peak == len(train)  # warm-up over one epoch (6 steps), not over the whole run
     assert lrs[-1] < lrs[peak] / 2
