@@ -1,7 +1,8 @@
 """``kd-lightning``: LightningCLI for experiment configs, plus the embedded quickstart.
 
     kd-lightning fit --config experiments/digits/base.yaml --config experiments/digits/kd.yaml
-    kd-lightning test --config ... --ckpt_path logs/.../checkpoints/last.ckpt
+    kd-lightning test --config ... --ckpt_path logs/.../checkpoints/best.ckpt
+    kd-lightning fit --config ... --ckpt_path logs/.../checkpoints/last.ckpt   # resume, same log version
     kd-lightning quickstart
 
 Configs use ``class_path``/``init_args``; several ``--config`` files merge left to right, and the resolved
@@ -11,9 +12,12 @@ DataModule into the model, so a config never writes it twice.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -21,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import kd_lightning.callbacks  # noqa: F401
 import kd_lightning.data  # noqa: F401
 import kd_lightning.module  # noqa: F401
+from kd_lightning.callbacks.last_checkpoint import RUN_KEY, LastCheckpoint, slurm_job_id
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -33,13 +38,54 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 class KDLightningCLI(LightningCLI):
     """LightningCLI with kd_lightning's defaults: TensorBoard under ``logs/``, a checkpoint of the best
-    ``val/acc`` plus ``last.ckpt`` (settable as ``checkpoint.*``), and model/data checks before training."""
+    ``val/acc`` (settable as ``checkpoint.*``), ``last.ckpt`` as the latest state (:class:`LastCheckpoint`,
+    settable as ``last_checkpoint.*``), resuming into the same log version, SLURM requeue, and model, data and
+    checkpoint checks before anything is written."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.filename": "best"})
+                             "checkpoint.filename": "best"})
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        try:
+            self._prepare_run()
+        except ValueError as err:
+            _exit_with_error(err)
+
+    def _prepare_run(self) -> None:
+        """Read ``--ckpt_path`` and choose the log version; only reading and config edits: nothing is written."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._resume_from: dict[str, Any] | None = None
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            self._resume_from = _read_checkpoint(ckpt_path)
+        if self.subcommand != "fit":
+            return
+        logger = _logger_init_args(config)
+        if self._resume_from is not None and logger is not None and logger.get("version") is None:
+            # Continue the run's own log version (one TensorBoard curve), unless the config names another.
+            run = self._resume_from.get(RUN_KEY) or {}
+            same_place = run.get("log_dir") and os.path.normpath(os.path.dirname(run["log_dir"])) == \
+                os.path.normpath(os.path.join(logger.get("save_dir") or ".", logger.get("name") or ""))
+            if same_place and run.get("logger_version") is not None:
+                logger["version"] = run["logger_version"]
+                if "purge_step" in logger and logger.get("purge_step") is None:
+                    # TensorBoard drops what the stopped run logged after its checkpoint: no doubled points
+                    logger["purge_step"] = self._resume_from.get("global_step")
+        elif ckpt_path is None and logger is not None and logger.get("version") is None and _in_slurm_job():
+            # One log folder per SLURM job, so that the requeued job (same id) finds its own last.ckpt.
+            logger["version"] = f"slurm_{slurm_job_id()}"
+        if _in_slurm_job() and logger is not None and config.trainer.get("default_root_dir") is None:
+            # Lightning's requeue checkpoint (hpc_ckpt_<n>.ckpt) goes to default_root_dir: the run's folder,
+            # not the working directory that other runs share.
+            version = logger.get("version")
+            if version is not None:
+                version = version if isinstance(version, str) else f"version_{version}"
+                config.trainer.default_root_dir = os.path.join(logger.get("save_dir") or ".",
+                                                               logger.get("name") or "", version)
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps a constructor's error in a long union-validation report: show just the cause.
@@ -60,15 +106,102 @@ class KDLightningCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if type(callback).__module__.startswith("kd_lightning."):
                     callback.setup(self.trainer, self.model, "fit")
+        if self._resume_from is not None:
+            check_checkpoint_fits(self._resume_from, self.model, self.config[self.subcommand]["ckpt_path"])
+
+    def _resume_requeued_slurm_job(self) -> None:
+        """A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) resumes from its own ``last.ckpt``: no flag needed."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is not None or not _in_slurm_job():
+            return
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+            return
+        last = [cb for cb in self.trainer.callbacks if isinstance(cb, LastCheckpoint)]
+        path = last[0].checkpoint_path(self.trainer) if last else None
+        if path is None or not os.path.isfile(path):
+            return  # nothing of ours: Lightning's own hpc_ckpt in default_root_dir, if any, is used
+        checkpoint = _read_checkpoint(path)
+        if (checkpoint.get(RUN_KEY) or {}).get("slurm_job_id") != slurm_job_id():
+            return  # a fixed checkpoint folder holding another job's run: never resume someone else's state
+        check_checkpoint_fits(checkpoint, self.model, path)
+        print(f"kd-lightning: requeued SLURM job {slurm_job_id()}: resuming from {path}", file=sys.stderr)
+        config["ckpt_path"] = path
 
     def before_fit(self) -> None:
+        try:
+            self._check_model_fits_data()
+            self._resume_requeued_slurm_job()
+        except ValueError as err:
+            _exit_with_error(err)
+
+    def before_validate(self) -> None:
         try:
             self._check_model_fits_data()
         except ValueError as err:
             _exit_with_error(err)
 
-    before_validate = before_fit
-    before_test = before_fit
+    before_test = before_validate
+
+
+def _in_slurm_job() -> bool:
+    return SLURMEnvironment.detect() and slurm_job_id() is not None
+
+
+def _logger_init_args(config: Any) -> Any:
+    """The ``init_args`` of the configured logger when it is one with save_dir/name/version, else None."""
+    logger = config.trainer.get("logger")
+    if logger is None or isinstance(logger, (bool, list)) or not hasattr(logger, "get"):
+        return None
+    init_args = logger.get("init_args")
+    if init_args is None or "version" not in init_args or "save_dir" not in init_args:
+        return None
+    return init_args
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (memory-mapped, tensors only), or a clear error saying what is wrong."""
+    if not os.path.isfile(path):
+        raise _InputError(f"--ckpt_path {path!r} does not exist (resolved from {os.getcwd()!r}). Pass a .ckpt "
+                          "written by `kd-lightning fit`: logs/<name>/version_<n>/checkpoints/last.ckpt to resume, "
+                          "best.ckpt to evaluate the best epoch.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any reason the file cannot be read is the same input error
+        raise _InputError(f"--ckpt_path {path!r} cannot be read as a checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}). Is it truncated, or not a .ckpt "
+                          "written by Lightning?") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise _InputError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry); a plain "
+                          "state_dict file can be a teacher_checkpoint, but not a run to resume or test.")
+    return checkpoint
+
+
+def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> None:
+    """A clear error when ``checkpoint`` was written by another module class or for other networks than
+    ``model``'s (Lightning would fail later with a long key listing, after logs were written)."""
+    saved = checkpoint["state_dict"]
+    own = model.state_dict()
+    saved_roots, own_roots = {k.split(".", 1)[0] for k in saved}, {k.split(".", 1)[0] for k in own}
+    holder = {"model": "ClassifierModule (a teacher or scratch run: model.* weights)",
+              "student": "DistillationModule (a KD run: student.* weights)"}
+    if saved_roots != own_roots:
+        found = " / ".join(holder.get(r, f"{r}.*") for r in sorted(saved_roots)) or "no weights"
+        wanted = " / ".join(holder.get(r, f"{r}.*") for r in sorted(own_roots))
+        raise ValueError(f"--ckpt_path {path!r} holds a {found}, but the config trains a {type(model).__name__}: "
+                         f"{wanted}. Resume or test with the config the checkpoint was trained with.")
+    differ = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} in the config"
+              for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if differ or missing or extra:
+        details = "; ".join(differ[:3] + ([f"missing {missing[:3]}"] if missing else [])
+                            + ([f"unexpected {extra[:3]}"] if extra else []))
+        raise ValueError(f"--ckpt_path {path!r} was trained with another {'/'.join(sorted(own_roots))} "
+                         f"architecture than the config builds ({details}). Check the model name and its "
+                         "*_kwargs against the run that wrote the checkpoint.")
+
+
+class _InputError(ValueError):
+    """Bad command-line input found before the classes are built: reported as one line, exit status 2."""
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.losses import distillation_loss, hard_loss, kl_divergence
 from kd_lightning.models.loading import load_model
+from kd_lightning.seeding import derive_seed, run_seed
 
 IGNORE_INDEX = -100  # the label of an unlabelled row (cross-entropy's ignore_index)
 
@@ -99,6 +100,11 @@ class _TrainableModule(LightningModule):
         else:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout and any other draw of the step come from a generator seeded by the step's position (see
+        # kd_lightning.seeding): a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+        torch.manual_seed(derive_seed(run_seed(), "step", self.global_rank, self.current_epoch, batch_idx))
 
     # -- metrics --------------------------------------------------------------------------------------------
     def _make_metrics(self, teacher: bool) -> nn.ModuleDict:

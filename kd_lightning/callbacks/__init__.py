@@ -3,10 +3,13 @@
 - :class:`TemperatureScheduler`: schedule the temperature, ``alpha`` or a feature-loss weight.
 - :class:`ProgressiveUnfreezing`: unfreeze the student's stages one by one, correctly under DDP.
 - :class:`KLDivergenceLogger`: KL(teacher || student), entropies and agreement in TensorBoard.
+- :class:`LastCheckpoint`: ``last.ckpt`` is always the latest state; a checkpoint and exit status on preemption
+  (the ``kd-lightning`` command adds it to every fit).
 """
 
 from kd_lightning.callbacks.kl_divergence_logger import KLDivergenceLogger
+from kd_lightning.callbacks.last_checkpoint import LastCheckpoint
 from kd_lightning.callbacks.progressive_unfreezing import ProgressiveUnfreezing
 from kd_lightning.callbacks.temperature_scheduler import TemperatureScheduler
 
-__all__ = ["KLDivergenceLogger", "ProgressiveUnfreezing", "TemperatureScheduler"]
+__all__ = ["KLDivergenceLogger", "LastCheckpoint", "ProgressiveUnfreezing", "TemperatureScheduler"]

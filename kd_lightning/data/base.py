@@ -28,7 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from kd_lightning.data.resumable import EpochShuffleSampler, LoaderProgress, ResumableLoader, SeededSamples
 from kd_lightning.data.splits import labelled_subset
+from kd_lightning.seeding import derive_seed, run_seed, seeded_rng
 
 UNLABELLED = -100
 
@@ -132,6 +134,7 @@ class ClassificationDataModule(LightningDataModule):
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
         self._mix: BatchMix | None = None
+        self.train_progress = LoaderProgress()  # batches the training step consumed: the train loader's state
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -165,9 +168,17 @@ class ClassificationDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no such split; call setup() first or check the data.")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-                          drop_last=shuffle and len(dataset) > self.batch_size)  # type: ignore[arg-type]
+        settings: dict[str, Any] = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                                        pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **settings)
+        # Training: an order that is a function of (seed, epoch), per-sample augmentation seeds, and a state that
+        # checkpoints carry, so that a resumed run replays the uninterrupted one (see kd_lightning.seeding).
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffleSampler(dataset, num_replicas=replicas, rank=rank, seed=run_seed())  # type: ignore[arg-type]
+        return ResumableLoader(SeededSamples(dataset, run_seed()), sampler=sampler, progress=self.train_progress,
+                               drop_last=len(sampler) > self.batch_size, **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -193,7 +204,13 @@ class ClassificationDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return batch
+        epoch = trainer.current_epoch
+        self.train_progress.count(epoch, trainer.is_last_batch)
         if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.noise_std == 0:
             return batch
-        x, y = self.augment_batch(batch[0], batch[1])
+        x, y = batch[0], batch[1]
+        # seeded by position, like everything random in training, so that a resumed run mixes the same pairs
+        with seeded_rng(derive_seed(run_seed(), "batch", trainer.global_rank, epoch, self.train_progress.batches),
+                        x.device):
+            x, y = self.augment_batch(x, y)
         return [x, y, *batch[2:]] if isinstance(batch, list) else (x, y, *batch[2:])
