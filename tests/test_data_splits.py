@@ -97,9 +97,16 @@ def test_batch_augmentation_runs_on_training_batches_only():
     dm.trainer = SimpleNamespace(training=False)
     out = dm.on_after_batch_transfer([x, y], 0)
     assert out[0] is x and out[1] is y
-    dm.trainer = SimpleNamespace(training=True)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0, is_last_batch=False, global_rank=0)
     xa, ya = dm.on_after_batch_transfer([x, y], 0)
     assert ya.shape == (8, 10) and not torch.equal(xa, x)
+    assert dm.train_progress.batches == 1
+    xb, _ = dm.on_after_batch_transfer([x, y], 0)  # the next batch position: other noise, other pairs
+    assert not torch.equal(xa, xb)
+    replay = DigitsDataModule(mixup_alpha=0.2, noise_std=0.1)  # a resumed run: the same position, the same mix
+    replay.trainer = dm.trainer
+    xr, yr = replay.on_after_batch_transfer([x, y], 0)
+    assert torch.equal(xr, xa) and torch.equal(yr, ya)
     dm.trainer = None
     assert DigitsDataModule().on_after_batch_transfer([x, y], 0)[1] is y
 
@@ -109,3 +116,38 @@ def test_bad_augmentation_settings():
         DigitsDataModule(noise_std=-0.1)
     with pytest.raises(ValueError, match="mixup_alpha"):
         DigitsDataModule(mixup_alpha=-1)
+
+
+def test_training_order_and_augmentation_are_functions_of_seed_epoch_and_sample(monkeypatch):
+    """Whatever the worker count, and after skipping into an epoch as a resumed run does, the training loader gives
+    the same samples with the same random augmentation; another epoch gives another order and other draws."""
+    from torch.utils.data import Dataset
+
+    from kd_lightning.data.resumable import EpochShuffleSampler, LoaderProgress, ResumableLoader, SeededSamples
+
+    class Noisy(Dataset):  # a random "augmentation": noise drawn from torch's global generator
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)) + torch.rand(2), i
+
+    def loader(workers: int) -> ResumableLoader:
+        sampler = EpochShuffleSampler(range(20), num_replicas=1, rank=0, seed=7)
+        return ResumableLoader(SeededSamples(Noisy(), seed=7), sampler=sampler, batch_size=4, num_workers=workers,
+                               progress=LoaderProgress())
+
+    def epoch(dl: ResumableLoader, e: int) -> list[torch.Tensor]:
+        dl.sampler.set_epoch(e)
+        return [x for x, _ in dl]
+
+    serial, parallel = epoch(loader(0), 1), epoch(loader(2), 1)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(serial) == 5
+    assert not torch.equal(torch.cat(serial), torch.cat(epoch(loader(0), 2)))
+    resumed = loader(0)
+    resumed.load_state_dict({"epoch": 1, "batches": 2, "epoch_done": False})  # a checkpoint after 2 batches
+    rest = [x for x, _ in resumed]
+    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, serial[2:]))
+    after_epoch = loader(0)
+    after_epoch.load_state_dict({"epoch": 1, "batches": 5, "epoch_done": True})
+    assert after_epoch.sampler.epoch == 2 and after_epoch.progress.batches == 0

@@ -135,6 +135,7 @@ class ClassificationDataModule(LightningDataModule):
         self.cutmix_alpha = cutmix_alpha
         self._mix: BatchMix | None = None
         self.train_progress = LoaderProgress()  # batches the training step consumed: the train loader's state
+        self._resume_progress: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -177,8 +178,19 @@ class ClassificationDataModule(LightningDataModule):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochShuffleSampler(dataset, num_replicas=replicas, rank=rank, seed=run_seed())  # type: ignore[arg-type]
-        return ResumableLoader(SeededSamples(dataset, run_seed()), sampler=sampler, progress=self.train_progress,
-                               drop_last=len(sampler) > self.batch_size, **settings)
+        loader = ResumableLoader(SeededSamples(dataset, run_seed()), sampler=sampler, progress=self.train_progress,
+                                 drop_last=len(sampler) > self.batch_size, **settings)
+        if self._resume_progress is not None:
+            loader.load_state_dict(self._resume_progress)
+            self._resume_progress = None
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_progress": self.train_progress.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores the DataModule before it builds the train loader of a resumed fit.
+        self._resume_progress = state_dict.get("train_progress")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -6,10 +6,13 @@
 * :class:`SeededSamples` can seed each sample's random augmentation from ``(seed, epoch, index)``: the same
   crop for the same sample in the same epoch, whichever worker process loads it, with or without persistent
   workers, before or after a resume.
-* :class:`ResumableLoader` is a ``DataLoader`` with ``state_dict``/``load_state_dict`` (Lightning's stateful
-  loader protocol: saved in every checkpoint, loaded before the first iterator of a resumed fit is made). Its
-  state is :class:`LoaderProgress`, the epoch and number of batches the training step has consumed, counted by
-  the DataModule when a batch reaches the device; a resumed epoch skips the batches already trained on.
+* :class:`ResumableLoader` is a ``DataLoader`` whose state is :class:`LoaderProgress`, the epoch and number of
+  batches the training step has consumed (counted by the DataModule when a batch reaches the device); loading
+  a state makes the next pass skip the batches already trained on. The DataModule carries that state in
+  checkpoints (``LightningDataModule.state_dict``) and hands it to the loader it builds on resume: Lightning's
+  own stateful-loader restore comes too late when the loader was built early, as ``estimated_stepping_batches``
+  (a per-step LR schedule) does. The loader keeps ``state_dict``/``load_state_dict`` so that Lightning knows
+  it is resumable mid-epoch (loading the same state twice is harmless).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class LoaderProgress:
     epoch: int = 0
     batches: int = 0
     epoch_done: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def count(self, epoch: int, is_last_batch: bool) -> None:
         if epoch != self.epoch:
@@ -85,7 +91,7 @@ class ResumableLoader(DataLoader):
         self.progress = progress
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self.progress)
+        return self.progress.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = LoaderProgress(**state)
