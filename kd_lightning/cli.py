@@ -49,6 +49,22 @@ class KDLightningCLI(LightningCLI):
                              "checkpoint.filename": "best"})
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
 
+    def _parse_ckpt_path(self) -> None:
+        # Pinned to LightningCLI 2.6's private hook (tests/test_resume.py breaks if it goes): Lightning reads the
+        # --ckpt_path checkpoint here and lets its saved hyperparameters replace the config's model, silently.
+        # First: a clear error for a file that is not a readable checkpoint, or one of another module class or
+        # other networks than the config asks for; only then Lightning's merge.
+        self._resume_from: dict[str, Any] | None = None
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            try:
+                self._resume_from = _read_checkpoint(ckpt_path)
+                check_checkpoint_matches_config(self._resume_from, self.config[self.config.subcommand].get("model"),
+                                                ckpt_path)
+            except ValueError as err:
+                _exit_with_error(err)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         try:
             self._prepare_run()
@@ -58,10 +74,7 @@ class KDLightningCLI(LightningCLI):
     def _prepare_run(self) -> None:
         """Read ``--ckpt_path`` and choose the log version; only reading and config edits: nothing is written."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._resume_from: dict[str, Any] | None = None
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
-            self._resume_from = _read_checkpoint(ckpt_path)
         if self.subcommand != "fit":
             return
         logger = _logger_init_args(config)
@@ -174,6 +187,41 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
         raise _InputError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry); a plain "
                           "state_dict file can be a teacher_checkpoint, but not a run to resume or test.")
     return checkpoint
+
+
+# the hyperparameters that decide the trained networks' shapes, per module class
+_ARCHITECTURE_ARGS = ("model", "model_kwargs", "student", "student_kwargs")
+
+
+def check_checkpoint_matches_config(checkpoint: dict[str, Any], model_config: Any, path: str) -> None:
+    """A clear error when the checkpoint's saved hyperparameters name another module class, or other networks,
+    than the config's ``model`` section (LightningCLI would otherwise switch to the checkpoint's silently)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    if not saved or model_config is None or not hasattr(model_config, "get"):
+        return  # nothing to compare: the weights' shapes are checked once the model is built
+    saved_class, config_class = saved.get("_class_path"), model_config.get("class_path")
+    if saved_class and config_class and saved_class.rsplit(".", 1)[-1] != config_class.rsplit(".", 1)[-1]:
+        raise ValueError(f"--ckpt_path {path!r} holds a {saved_class.rsplit('.', 1)[-1]} run, but the config trains "
+                         f"a {config_class.rsplit('.', 1)[-1]} ({config_class}). Resume or test with the config the "
+                         "checkpoint was trained with.")
+    init_args = model_config.get("init_args") or {}
+    differ = [f"{key}: {saved[key]!r} in the checkpoint, {_plain(init_args.get(key))!r} in the config"
+              for key in _ARCHITECTURE_ARGS
+              if key in saved and key in init_args and _plain(init_args.get(key)) != _plain(saved[key])]
+    if differ:
+        raise ValueError(f"--ckpt_path {path!r} was trained with another architecture than the config asks for "
+                         f"({'; '.join(differ)}). Use the model settings of the run that wrote the checkpoint.")
+
+
+def _plain(value: Any) -> Any:
+    """jsonargparse Namespaces and tuples as plain dicts and lists, to compare with saved hyperparameters."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> None:

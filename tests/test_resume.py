@@ -185,22 +185,29 @@ def _write(path: Path, content: object) -> Path:
     return path
 
 
-def _fake_checkpoint(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
-    return _write(path, {"state_dict": state_dict, "epoch": 0, "global_step": 0})
+def _fake_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], hparams: dict | None = None) -> Path:
+    return _write(path, {"state_dict": state_dict, "epoch": 0, "global_step": 0, "hyper_parameters": hparams or {}})
+
+
+TEACHER_WEIGHTS = {"model.net.1.weight": torch.zeros(256, 64)}
+WIDE_STUDENT = {"student.net.1.weight": torch.zeros(64, 64), "student.net.1.bias": torch.zeros(64),
+                "student.net.3.weight": torch.zeros(10, 64), "student.net.3.bias": torch.zeros(10)}
 
 
 @pytest.mark.parametrize("make,message", [
     (lambda d: d / "missing.ckpt", "does not exist"),
     (lambda d: _write(d / "garbage.ckpt", b"not a checkpoint"), "cannot be read"),
     (lambda d: _write(d / "plain.ckpt", {"w": torch.zeros(1)}), "not a Lightning checkpoint"),
-    (lambda d: _fake_checkpoint(d / "teacher.ckpt", {"model.net.1.weight": torch.zeros(256, 64)}),
-     "holds a ClassifierModule"),
-    (lambda d: _fake_checkpoint(d / "wide.ckpt", {"student.net.1.weight": torch.zeros(64, 64),
-                                                  "student.net.1.bias": torch.zeros(64),
-                                                  "student.net.3.weight": torch.zeros(10, 64),
-                                                  "student.net.3.bias": torch.zeros(10)}),
-     "another student architecture"),
-], ids=["missing", "unreadable", "not-lightning", "other-module-class", "other-student"])
+    (lambda d: _fake_checkpoint(d / "teacher.ckpt", TEACHER_WEIGHTS, {"_class_path": "kd_lightning.ClassifierModule",
+                                                                      "model": "mlp"}),
+     "holds a ClassifierModule run, but the config trains a DistillationModule"),
+    (lambda d: _fake_checkpoint(d / "teacher.ckpt", TEACHER_WEIGHTS), "holds a ClassifierModule (a teacher"),
+    (lambda d: _fake_checkpoint(d / "wide.ckpt", WIDE_STUDENT, {"_class_path": "kd_lightning.DistillationModule",
+                                                                "student": "mlp", "student_kwargs": {"hidden": [64]}}),
+     "student_kwargs: {'hidden': [64]} in the checkpoint, {'hidden': [32]} in the config"),
+    (lambda d: _fake_checkpoint(d / "wide.ckpt", WIDE_STUDENT), "another student architecture"),
+], ids=["missing", "unreadable", "not-lightning", "other-module-class", "other-module-class-no-hparams",
+        "other-student", "other-student-no-hparams"])
 def test_bad_ckpt_path_fails_before_anything_is_written(tmp_path, make, message):
     ckpt = make(tmp_path)
     result = fit(tmp_path, *kd_args("bad", 2, f"--ckpt_path={ckpt}"))
@@ -208,3 +215,15 @@ def test_bad_ckpt_path_fails_before_anything_is_written(tmp_path, make, message)
     assert message in result.stderr and "kd-lightning: error:" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_lightning_cli_still_reads_ckpt_path_where_we_check_it():
+    """kd_lightning checks --ckpt_path in an override of LightningCLI's private ``_parse_ckpt_path`` (2.6), the
+    one place where Lightning merges a checkpoint's hyperparameters into the config. If a Lightning upgrade
+    renames it, our checks would silently stop running: this fails first."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from kd_lightning.cli import KDLightningCLI
+
+    assert callable(getattr(LightningCLI, "_parse_ckpt_path", None))
+    assert "_parse_ckpt_path" in KDLightningCLI.__dict__
