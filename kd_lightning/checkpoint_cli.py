@@ -112,7 +112,7 @@ def load_trained(path: str, num_classes: int, arch: Architecture | None = None) 
     except ValueError as err:
         if held is None or arch is None:
             raise
-        raise ValueError(f"{err} The checkpoint holds {held} (its hyper_parameters); asked for {arch} with "
+        raise ValueError(f"{str(err).rstrip('.')}. The checkpoint holds {held} (its hyper_parameters); asked for {arch} with "
                          f"{num_classes} classes.") from err
 
 
