@@ -50,8 +50,12 @@ def data_parser(prog: str, description: str | None) -> ArgumentParser:
 
 def instantiate_data(parser: ArgumentParser, cfg: Namespace) -> LightningDataModule:
     """The DataModule of ``cfg``, set up for its ``--split``; it must know ``num_classes``."""
+    data_only = cfg.clone()
+    for section in _OTHER_CONFIG_SECTIONS:  # never instantiated: a config's trainer.logger would build a logger
+        data_only[section] = None
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     try:
-        data = parser.instantiate_classes(cfg).data
+        data = instantiate(data_only).data
     except Exception as err:  # jsonargparse wraps a constructor's error (a missing data folder) in its own
         cause = _root_cause(err)
         if isinstance(cause, (ValueError, FileNotFoundError)) and cause is not err:
@@ -112,8 +116,8 @@ def load_trained(path: str, num_classes: int, arch: Architecture | None = None) 
     except ValueError as err:
         if held is None or arch is None:
             raise
-        raise ValueError(f"{str(err).rstrip('.')}. The checkpoint holds {held} (its hyper_parameters); asked for {arch} with "
-                         f"{num_classes} classes.") from err
+        raise ValueError(f"{str(err).rstrip('.')}. The checkpoint holds {held} (its hyper_parameters); "
+                         f"asked for {arch} with {num_classes} classes.") from err
 
 
 def run_reporting_errors(command: Callable[[], Any]) -> Any:
