@@ -115,10 +115,15 @@ def export_network(net: nn.Module, images: Tensor, out_dir: str, name: str = "st
         raise ValueError(f"Export needs a batch of more than {TRACE_BATCH} images to check the exported model, got "
                          f"shape {tuple(images.shape)}.")
     net = net.cpu().eval()
+    architecture = type(net).__name__
     images = images.cpu().float()
     with torch.no_grad():
-        if not isinstance(net(images[:1]), Tensor):
-            net = MainHead(net)
+        output = net(images[:1])
+        if isinstance(output, (tuple, list)) and output and all(isinstance(h, Tensor) for h in output):
+            net = MainHead(net)  # what ships is the main head
+        elif not isinstance(output, Tensor):
+            raise ValueError(f"Cannot export {name} ({architecture}): it returns {type(output).__name__}, not "
+                             "logits (a tensor, or a tuple of heads with the main one first).")
         checks = [images[:1], images]
         expected = [net(x) for x in checks]
     os.makedirs(out_dir, exist_ok=True)
@@ -135,7 +140,7 @@ def export_network(net: nn.Module, images: Tensor, out_dir: str, name: str = "st
             except ValueError:
                 raise
             except Exception as err:  # noqa: BLE001 - tracing fails in many ways; say which network and format
-                raise ValueError(f"Cannot export {name} ({type(net).__name__}) to {fmt}: "
+                raise ValueError(f"Cannot export {name} ({architecture}) to {fmt}: "
                                  f"{_first_line(err)}. Export traces the forward pass: it must take one image "
                                  "batch and return logits computed by tensor operations only.") from err
             diff = 0.0

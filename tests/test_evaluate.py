@@ -205,3 +205,19 @@ def test_bad_arguments(tmp_path, capsys, args, message):
 
 def test_models_are_required(tmp_path, capsys):
     assert "give --teacher and/or --students" in _fails(capsys, f"--config={DIGITS}", f"--out={tmp_path}")
+
+
+def test_a_runs_saved_config_is_accepted(digits_checkpoints, tmp_path, capsys):
+    """The config.yaml that `kd-lightning fit` saves beside a run has every LightningCLI section: all are read, only
+    data is used."""
+    from kd_lightning.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", f"--config={DIGITS}", f"--config={ROOT / 'experiments' / 'digits' / 'kd.yaml'}",
+                  "--print_config"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(capsys.readouterr().out)
+    rows = main([f"--config={saved}", f"--students={digits_checkpoints.kd}", f"--out={tmp_path / 'eval'}",
+                 "--repeats=1", "--warmup=0", "--latency-batch-sizes", "1"])
+    assert [r["model"] for r in rows] == ["student"] and rows[0]["images"] == 359
+    assert not (tmp_path / "logs").exists()  # the config's trainer.logger was not built
