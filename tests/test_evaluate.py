@@ -219,10 +219,11 @@ def test_a_runs_saved_config_is_accepted(digits_checkpoints, tmp_path, capsys, m
     saved = tmp_path / "config.yaml"
     saved.write_text(capsys.readouterr().out)
 
-    def no_logger(*args, **kwargs):
-        raise AssertionError("evaluate built the config's trainer.logger")
+    def built(*args, **kwargs):
+        raise AssertionError("evaluate built a class of the config's other sections")
 
-    monkeypatch.setattr(TensorBoardLogger, "__init__", no_logger)
+    monkeypatch.setattr(DistillationModule, "__init__", built)  # the config's model section
+    monkeypatch.setattr(TensorBoardLogger, "__init__", built)  # its trainer.logger
     rows = main([f"--config={saved}", f"--students={digits_checkpoints.kd}", f"--out={tmp_path / 'eval'}",
                  "--repeats=1", "--warmup=0", "--latency-batch-sizes", "1"])
     assert [r["model"] for r in rows] == ["student"] and rows[0]["images"] == 359
