@@ -4,6 +4,8 @@
     kd-lightning test --config ... --ckpt_path logs/.../checkpoints/best.ckpt
     kd-lightning fit --config ... --ckpt_path logs/.../checkpoints/last.ckpt   # resume, same log version
     kd-lightning quickstart
+    kd-lightning evaluate --config ... --teacher CKPT --students CKPT ... --out DIR   # see kd_lightning/evaluate.py
+    kd-lightning export --config ... --student CKPT --out DIR                       # see kd_lightning/export.py
 
 Configs use ``class_path``/``init_args``; several ``--config`` files merge left to right, and the resolved
 config is saved as ``config.yaml`` beside the run's TensorBoard logs. ``num_classes`` is linked from the
@@ -284,6 +286,16 @@ def main() -> None:
         from kd_lightning.quickstart import main as quickstart_main
 
         quickstart_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "evaluate":
+        from kd_lightning.evaluate import main as evaluate_main
+
+        evaluate_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from kd_lightning.export import main as export_main
+
+        export_main(sys.argv[2:])
         return
     cli_main()
 

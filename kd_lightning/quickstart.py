@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from kd_lightning.data import DigitsDataModule
+from kd_lightning.measure import count_parameters, latency_us, size_on_disk_kb
 from kd_lightning.module import ClassifierModule, DistillationModule
 
 TEACHER = {"model": "mlp", "model_kwargs": {"hidden": [256, 256], "dropout": 0.2}}
@@ -62,32 +62,11 @@ def _trainer(max_steps: int, log_dir: str, name: str) -> L.Trainer:
                      check_val_every_n_epoch=10, log_every_n_steps=10, num_sanity_val_steps=0)
 
 
-def _size_kb(net: torch.nn.Module) -> float:
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    return buffer.tell() / 1024
-
-
-def _latency_us(net: torch.nn.Module, input_shape: tuple[int, ...], repeats: int = 300) -> float:
-    """Best-of-``repeats`` CPU wall time of one single-image forward pass, in microseconds (the minimum is the
-    stable statistic on a shared machine: noise only ever adds time)."""
-    net.eval()
-    x = torch.rand(1, *input_shape)
-    times = []
-    with torch.inference_mode():
-        for _ in range(20):
-            net(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            net(x)
-            times.append(time.perf_counter() - start)
-    return min(times) * 1e6
-
-
 def _measure(block: str, run: str, seed: int, net: torch.nn.Module, acc: float,
              input_shape: tuple[int, ...]) -> RunResult:
-    return RunResult(block, run, seed, acc, sum(p.numel() for p in net.parameters()), _size_kb(net),
-                     _latency_us(net, input_shape))
+    # best of 300 single-image passes: the stable statistic on a shared machine (noise only ever adds time)
+    return RunResult(block, run, seed, acc, count_parameters(net), size_on_disk_kb(net),
+                     latency_us(net, input_shape, statistic=min))
 
 
 def run_seed(seed: int, blocks: dict[str, float], epochs: int, batch_size: int, log_dir: str,

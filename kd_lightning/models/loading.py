@@ -9,6 +9,7 @@ torchvision architectures, from ImageNet weights (``pretrained=True``; needs int
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,8 +21,8 @@ from kd_lightning.models import build_model
 _LIGHTNING_PREFIXES = ("model.", "student.")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The network weights in ``path`` (a Lightning checkpoint or a plain state_dict), prefix stripped."""
+def _load_file(path: str | os.PathLike) -> Any:
+    """What ``torch.save`` wrote to ``path`` (tensors and plain containers only), on the CPU."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Checkpoint file not found: {os.fspath(path)!r} (resolved from {os.getcwd()!r}). Pass the path of "
@@ -29,7 +30,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "logs/<name>/version_<n>/checkpoints/*.ckpt) or of a "
             "file saved with torch.save(model.state_dict(), path)."
         )
-    blob: Any = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network weights in ``path`` (a Lightning checkpoint or a plain state_dict), prefix stripped."""
+    blob = _load_file(path)
     is_lightning = isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict)
     state = blob["state_dict"] if is_lightning else blob
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -44,6 +50,36 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped network
         return {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A zoo network as built: ``build_model(name, num_classes, **kwargs)``."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+
+    def __str__(self) -> str:
+        classes = "" if self.num_classes is None else f" with {self.num_classes} classes"
+        return f"{self.name!r} {self.kwargs}{classes}"
+
+
+def checkpoint_architecture(path: str | os.PathLike) -> Architecture | None:
+    """The network a kd-lightning checkpoint holds, read from its saved ``hyper_parameters``: ``model`` and
+    ``model_kwargs`` of a ClassifierModule, ``student`` and ``student_kwargs`` of a DistillationModule (the
+    network its weights are). ``None`` for a plain state_dict, or a module built from an ``nn.Module`` object
+    (whose architecture no name records)."""
+    blob = _load_file(path)
+    hparams = blob.get("hyper_parameters") if isinstance(blob, dict) else None
+    if not isinstance(hparams, dict):
+        return None
+    for name_key, kwargs_key in (("model", "model_kwargs"), ("student", "student_kwargs")):
+        if isinstance(hparams.get(name_key), str):
+            classes = hparams.get("num_classes")
+            return Architecture(hparams[name_key], dict(hparams.get(kwargs_key) or {}),
+                                classes if isinstance(classes, int) else None)
+    return None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
