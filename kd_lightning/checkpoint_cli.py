@@ -27,7 +27,8 @@ from kd_lightning.models.loading import Architecture, checkpoint_architecture, l
 
 # top-level sections of a LightningCLI config other than `data`: accepted so that an experiment's files (or a
 # run's saved config.yaml) can be passed as they are, and not used
-_OTHER_CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "checkpoint", "optimizer", "lr_scheduler",
+_OTHER_CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "checkpoint", "last_checkpoint", "optimizer",
+                          "lr_scheduler",
                           "ckpt_path", "weights_only")
 _ARCHITECTURE = re.compile(r"^\s*(?P<name>[A-Za-z_]\w*)\s*(?P<kwargs>\{.*\})?\s*$", re.DOTALL)
 

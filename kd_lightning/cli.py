@@ -68,13 +68,8 @@ class KDLightningCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        try:
-            self._prepare_run()
-        except ValueError as err:
-            _exit_with_error(err)
-
-    def _prepare_run(self) -> None:
-        """Read ``--ckpt_path`` and choose the log version; only reading and config edits: nothing is written."""
+        """Choose the log version (a resumed run continues its own; a SLURM job logs to ``slurm_<job id>``).
+        Config edits only: nothing is written before the checks are done."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         if self.subcommand != "fit":
@@ -176,17 +171,17 @@ def _logger_init_args(config: Any) -> Any:
 def _read_checkpoint(path: str) -> dict[str, Any]:
     """The checkpoint at ``path`` (memory-mapped, tensors only), or a clear error saying what is wrong."""
     if not os.path.isfile(path):
-        raise _InputError(f"--ckpt_path {path!r} does not exist (resolved from {os.getcwd()!r}). Pass a .ckpt "
+        raise ValueError(f"--ckpt_path {path!r} does not exist (resolved from {os.getcwd()!r}). Pass a .ckpt "
                           "written by `kd-lightning fit`: logs/<name>/version_<n>/checkpoints/last.ckpt to resume, "
                           "best.ckpt to evaluate the best epoch.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any reason the file cannot be read is the same input error
-        raise _InputError(f"--ckpt_path {path!r} cannot be read as a checkpoint ({type(err).__name__}: "
+        raise ValueError(f"--ckpt_path {path!r} cannot be read as a checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}). Is it truncated, or not a .ckpt "
                           "written by Lightning?") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise _InputError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry); a plain "
+        raise ValueError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry); a plain "
                           "state_dict file can be a teacher_checkpoint, but not a run to resume or test.")
     return checkpoint
 
@@ -248,10 +243,6 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> 
         raise ValueError(f"--ckpt_path {path!r} was trained with another {'/'.join(sorted(own_roots))} "
                          f"architecture than the config builds ({details}). Check the model name and its "
                          "*_kwargs against the run that wrote the checkpoint.")
-
-
-class _InputError(ValueError):
-    """Bad command-line input found before the classes are built: reported as one line, exit status 2."""
 
 
 def _root_cause(err: BaseException) -> BaseException:
