@@ -104,6 +104,11 @@ def main() -> None:
 
         quickstart_main(sys.argv[2:])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "study":
+        from kd_lightning.study import main as study_main
+
+        study_main(sys.argv[2:])
+        return
     cli_main()
 
 
