@@ -264,7 +264,19 @@ def _cli_error(stderr: str) -> str:
     at = max(stderr.rfind("\nerror: "), stderr.rfind("kd-lightning: error: "))
     if at < 0:
         return _one_line(stderr) or "the configuration was rejected"
-    return _one_line(stderr[at:].split("error: ", 1)[1])
+    lines = stderr[at:].split("error: ", 1)[1].splitlines()
+    # A class_path value that fails comes as a report on every type of a Union: keep the class's own problem.
+    problem = next((i for i, line in enumerate(lines) if line.strip().startswith("- Problem with given class_path")),
+                   None)
+    if problem is not None:
+        indent = len(lines[problem]) - len(lines[problem].lstrip())
+        detail = [lines[problem].strip()[2:]]
+        for line in lines[problem + 1:]:
+            if len(line) - len(line.lstrip()) <= indent:
+                break
+            detail.append(line)
+        lines = [lines[0], *detail]
+    return _one_line("\n".join(lines))
 
 
 def check_and_hash(run: PlannedRun) -> str:
