@@ -25,8 +25,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kd_lightning.study import add_study_options, run_from_options
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -39,9 +37,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-labels", choices=list(STUDIES), default="all",
                         help="teacher trained on all labels (default), or on the 10%% block's labelled rows only")
-    add_study_options(parser, default_out=None)
+    # one thread: these networks are tiny, extra threads only add synchronisation (and stall on a busy CPU)
+    add_study_options(parser, default_out=f"{DEFAULT_OUT['all']}, or {DEFAULT_OUT['same']} with --teacher-labels same",
+                      default_threads=1)
     options = parser.parse_args(argv)
-    torch.set_num_threads(1)  # these networks are tiny: extra threads only add synchronisation (and stall on a busy CPU)
     return run_from_options(STUDIES[options.teacher_labels], options,
                             default_out=DEFAULT_OUT[options.teacher_labels])
 

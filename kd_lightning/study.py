@@ -446,15 +446,17 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] = pri
 
 
 # -- command line -----------------------------------------------------------------------------------------------
-def add_study_options(parser: argparse.ArgumentParser, default_out: str | None) -> None:
-    parser.add_argument("--out", default=default_out,
-                        help="output folder: one subfolder per run and seed, results.{md,csv,json,png}"
-                             + (f" (default: {default_out})" if default_out else
-                                " (default: logs/<the study's folder>/<its name>, e.g. logs/digits/study)"))
+def add_study_options(parser: argparse.ArgumentParser, default_out: str, default_threads: int | None = None) -> None:
+    """The options of ``kd-lightning study`` (and the quickstart); ``default_out`` says what --out defaults to."""
+    parser.add_argument("--out", help="output folder: one subfolder per run and seed, results.{md,csv,json,png} "
+                                      f"(default: {default_out})")
     parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of the study's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every run, after the study's own, e.g. --set trainer.max_steps=32 "
                              "(a quick smoke test) or --set trainer.accelerator=gpu; repeatable")
+    parser.add_argument("--threads", type=int, default=default_threads,
+                        help=f"CPU threads for PyTorch (default: {default_threads or 'PyTorch’s choice'}); tiny "
+                             "models train fastest on 1")
     parser.add_argument("--verbose", action="store_true", help="show Lightning's notices, warnings and progress bars")
 
 
@@ -483,6 +485,10 @@ def run_from_options(study_file: str | Path, options: argparse.Namespace, defaul
             sets = {"trainer.enable_progress_bar": True, "trainer.enable_model_summary": True, **sets}
         spec = with_overrides(spec, sets)
         out = Path(options.out or default_out)
+        if options.threads is not None:
+            if options.threads < 1:
+                raise StudyError(f"--threads must be >= 1, got {options.threads}.")
+            torch.set_num_threads(options.threads)
         start = time.perf_counter()
         with contextlib.nullcontext() if options.verbose else quiet_lightning():
             rows = run_study(spec, out)
@@ -500,7 +506,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="kd-lightning study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="the study YAML, e.g. experiments/digits/study.yaml")
-    add_study_options(parser, default_out=None)
+    add_study_options(parser, default_out="logs/<the study's folder>/<its name>, e.g. logs/digits/study")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     study = Path(options.study)
     return run_from_options(study, options, default_out=f"logs/{study.parent.name}/{study.stem}")
