@@ -62,6 +62,8 @@ OWNED_KEYS = ("seed_everything", "trainer.logger.init_args.save_dir", "trainer.l
               "trainer.logger.init_args.version", "checkpoint.dirpath", "model.init_args.teacher_checkpoint")
 # Per-run chatter would bury the one progress line per run; a study may turn these back on in its overrides.
 QUIET_ARGS = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+# Display settings, left out of a run's config hash: --verbose must not make a study train again.
+DISPLAY_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 class StudyError(ValueError):
@@ -295,13 +297,17 @@ def check_and_hash(run: PlannedRun) -> str:
         raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {_cli_error(stderr.getvalue())}") from None
     except Exception as err:  # noqa: BLE001 - any failure to build the run is this study's input error
         raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {type(err).__name__}: {err}") from None
+    sys.stderr.write(stderr.getvalue())  # warnings of a run that builds are the user's to see
     input_shape = getattr(cli.datamodule, "input_shape", None)
     if input_shape is not None and hasattr(cli.model, "check_input_shape"):
         try:
             cli.model.check_input_shape(input_shape)
         except ValueError as err:
             raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {err}") from None
-    resolved = cli.parser.dump(cli.config, skip_check=True)
+    config = cli.config.clone()
+    for key in DISPLAY_KEYS:
+        config[key] = None
+    resolved = cli.parser.dump(config, skip_check=True)
     teacher_hash = run.teacher.config_hash if run.teacher else ""
     return hashlib.sha256(f"{resolved}\n{teacher_hash}".encode()).hexdigest()
 

@@ -189,6 +189,9 @@ def test_changed_config_reruns_that_run_and_its_students(tmp_path, monkeypatch):
     main([str(study), "--out", str(out)])
 
     counter = TrainCounter(monkeypatch)
+    main([str(study), "--out", str(out), "--verbose"])  # progress bars on: display only, nothing trains again
+    assert counter.trained == []
+
     scratch.write_text(scratch.read_text().replace("lr: 0.003", "lr: 0.002"))  # the file's content, same path
     main([str(study), "--out", str(out)])
     assert counter.trained == ["seed 0 scratch_student"]
