@@ -501,7 +501,8 @@ def run_from_options(study_file: str | Path, options: argparse.Namespace, defaul
     except StudyError as err:
         _exit_with_error(err)
         raise  # unreachable: _exit_with_error exits
-    print(f"\n{spec.title} ({len(spec.seeds)} seeds)\n\n{to_markdown(rows)}\n")
+    seeds = len(spec.seeds)
+    print(f"\n{spec.title} ({seeds} seed{'s' if seeds != 1 else ''})\n\n{to_markdown(rows)}\n")
     print(f"Wrote {out}/results.md, results.csv, results.json and results.png; checkpoints in "
           f"{out}/<run>/seed_<seed>/checkpoints/; TensorBoard: tensorboard --logdir {out}  "
           f"({time.perf_counter() - start:.0f} s)")
