@@ -19,4 +19,4 @@ test: setup  ## the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) logs/quickstart .pytest_cache
+	rm -rf $(VENV) logs/quickstart logs/quickstart_same_labels .pytest_cache

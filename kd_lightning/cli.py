@@ -14,6 +14,7 @@ DataModule into the model, so a config never writes it twice.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -272,21 +273,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
     )
 
 
+# kd-lightning's own subcommands beside LightningCLI's fit/validate/test/predict: module with a main(argv)
+_COMMANDS = {"quickstart": "kd_lightning.quickstart", "study": "kd_lightning.study",
+             "evaluate": "kd_lightning.evaluate", "export": "kd_lightning.export"}
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "quickstart":
-        from kd_lightning.quickstart import main as quickstart_main
-
-        quickstart_main(sys.argv[2:])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "evaluate":
-        from kd_lightning.evaluate import main as evaluate_main
-
-        evaluate_main(sys.argv[2:])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "export":
-        from kd_lightning.export import main as export_main
-
-        export_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
+        importlib.import_module(_COMMANDS[sys.argv[1]]).main(sys.argv[2:])
         return
     cli_main()
 

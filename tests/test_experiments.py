@@ -24,12 +24,21 @@ def _is_run_file(path: Path) -> bool:
     return "class_path" in (config.get("model") or {})
 
 
+def _is_study_file(path: Path) -> bool:
+    """A study (``kd-lightning study``) lists runs of other configs; tests/test_study.py checks those."""
+    return "runs" in (yaml.safe_load(path.read_text()) or {})
+
+
+def _config_files() -> list[Path]:
+    return [p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and not _is_study_file(p)]
+
+
 def _run_files() -> list[Path]:
-    return sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and _is_run_file(p))
+    return sorted(p for p in _config_files() if _is_run_file(p))
 
 
 def _overlay_files() -> list[Path]:
-    return sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and not _is_run_file(p))
+    return sorted(p for p in _config_files() if not _is_run_file(p))
 
 
 def _write_images(folder: Path, n: int, size: int, seed: int) -> None:

@@ -1,0 +1,182 @@
+"""What a study reports: per-run results over seeds (mean ± sample std of test accuracy at ``best.ckpt`` and at
+``last.ckpt``), validation-accuracy curves averaged over seeds, and the files ``results.{md,csv,json}`` and
+``results.png``. The aggregation functions are pure; only ``read_scalar_curve`` and the writers touch files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+Curve = list[tuple[int, float]]  # (global step, value)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run of one seed. Accuracies are fractions in [0, 1]; ``None`` where a figure does not apply."""
+
+    run: str
+    seed: int
+    test_acc_best: float  # test accuracy of the best-validation checkpoint (best.ckpt)
+    test_acc_last: float  # test accuracy of the last checkpoint (last.ckpt)
+    best_val_acc: float | None = None
+    best_ckpt_step: int | None = None
+    last_ckpt_step: int | None = None
+    params: int | None = None
+    size_kb: float | None = None
+    latency_us: float | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunResult":
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std of a single value is 0."""
+    if not values:
+        raise ValueError("mean_std needs at least one value.")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: Sequence[RunResult], runs: Sequence[str], labels: dict[str, str] | None = None,
+              groups: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per run (in the order of ``runs``; runs without results are left out), accuracies in percent:
+    mean ± std over seeds at the best-validation checkpoint and at the last checkpoint."""
+    labels, groups = labels or {}, groups or {}
+    rows = []
+    for run in runs:
+        of_run = [r for r in results if r.run == run]
+        if not of_run:
+            continue
+        best_mean, best_std = mean_std([100 * r.test_acc_best for r in of_run])
+        last_mean, last_std = mean_std([100 * r.test_acc_last for r in of_run])
+        latencies = [r.latency_us for r in of_run if r.latency_us is not None]
+        rows.append({
+            "group": groups.get(run, ""), "run": run, "label": labels.get(run) or run,
+            "seeds": len(of_run),
+            "best_ckpt_test_acc_mean": best_mean, "best_ckpt_test_acc_std": best_std,
+            "last_ckpt_test_acc_mean": last_mean, "last_ckpt_test_acc_std": last_std,
+            "params": of_run[0].params, "size_kb": of_run[0].size_kb,
+            # the minimum is the stable statistic on a shared machine: noise only ever adds time
+            "latency_us": min(latencies) if latencies else None,
+        })
+    return rows
+
+
+def mean_curve(curves: Sequence[Curve]) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and sample std over ``curves`` at each step (each seed's curve counts once per step; a step
+    only some seeds reached averages those)."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in dict(curve).items():  # a repeated step (a resumed run) counts its last value
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    stats = [mean_std(by_step[step]) for step in steps]
+    return steps, [m for m, _ in stats], [s for _, s in stats]
+
+
+def read_scalar_curve(log_dir: Path, tag: str) -> Curve:
+    """``tag``'s (step, value) points from the TensorBoard event files in ``log_dir``; empty if it has none."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    if not log_dir.is_dir():
+        return []
+    accumulator = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0})  # 0: keep every point
+    accumulator.Reload()
+    if tag not in accumulator.Tags()[SCALARS]:
+        return []
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+# -- writers ------------------------------------------------------------------------------------------------
+def _pct(mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    with_groups = any(r["group"] for r in rows)
+    header = (["group"] if with_groups else []) + [
+        "run", "seeds", "test acc, best.ckpt (%)", "test acc, last.ckpt (%)", "params", "size on disk",
+        "CPU latency / image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = ([r["group"]] if with_groups else []) + [
+            r["label"], str(r["seeds"]),
+            _pct(r["best_ckpt_test_acc_mean"], r["best_ckpt_test_acc_std"]),
+            _pct(r["last_ckpt_test_acc_mean"], r["last_ckpt_test_acc_std"]),
+            "" if r["params"] is None else f"{r['params']:,}",
+            "" if r["size_kb"] is None else f"{r['size_kb']:.1f} KB",
+            "" if r["latency_us"] is None else f"{r['latency_us']:.0f} µs"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nTest accuracy: mean ± sample std over seeds; best.ckpt is the checkpoint of the best validation accuracy, "
+        "last.ckpt the last one written. Size on disk: the trained network's state_dict; latency: best of 300 "
+        "single-image forward passes on one CPU thread.")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, title: str, rows: Sequence[dict[str, Any]], results: Sequence[RunResult],
+                  curves: dict[str, tuple[list[int], list[float], list[float]]], study: dict[str, Any]) -> None:
+    """``results.md``, ``results.csv`` (one row per run) and ``results.json`` (rows, every seed, the curves and
+    the study as run) in ``out``."""
+    (out / "results.md").write_text(f"# {title}\n\n{to_markdown(rows)}\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    curves_json = {run: {"step": steps, "val_acc_mean": means, "val_acc_std": stds}
+                   for run, (steps, means, stds) in curves.items()}
+    (out / "results.json").write_text(json.dumps(
+        {"title": title, "study": study, "runs": list(rows), "per_seed": [r.to_dict() for r in results],
+         "val_acc_curves": curves_json}, indent=2) + "\n")
+
+
+def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
+                 curves: dict[str, tuple[list[int], list[float], list[float]]]) -> None:
+    """Left: test accuracy per run (best.ckpt and last.ckpt, error bars: std over seeds). Right: validation
+    accuracy against optimizer steps per run, mean over seeds (band: ± std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['group']}\n{r['label']}" if r["group"] else r["label"] for r in rows]
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=90)
+    x = range(len(rows))
+    width = 0.38
+    for offset, key, label in ((-width / 2, "best_ckpt", "best.ckpt"), (width / 2, "last_ckpt", "last.ckpt")):
+        bars.bar([i + offset for i in x], [r[f"{key}_test_acc_mean"] for r in rows], width,
+                 yerr=[r[f"{key}_test_acc_std"] for r in rows], capsize=3, label=label)
+    low = min(r[f"{k}_test_acc_mean"] - r[f"{k}_test_acc_std"] for r in rows for k in ("best_ckpt", "last_ckpt"))
+    bars.set_ylim(max(0.0, 5 * math.floor((low - 5) / 5)), 100)  # zoom in: the differences are what matter
+    bars.set_xticks(list(x), names, fontsize=8)
+    bars.set_ylabel("test accuracy (%)")
+    bars.set_title("Test accuracy, mean ± std over seeds")
+    bars.legend(loc="upper right", fontsize=8)
+    for r, name in zip(rows, names):
+        steps, means, stds = curves.get(r["run"], ([], [], []))
+        if not steps:
+            continue
+        means_pct = [100 * m for m in means]
+        line, = lines.plot(steps, means_pct, label=name.replace("\n", ": "))
+        lines.fill_between(steps, [m - 100 * s for m, s in zip(means_pct, stds)],
+                           [m + 100 * s for m, s in zip(means_pct, stds)], color=line.get_color(), alpha=0.15)
+    lines.set_xlabel("optimizer step")
+    lines.set_ylabel("validation accuracy (%)")
+    lines.set_title("Validation accuracy, mean over seeds")
+    lines.grid(alpha=0.3)
+    if lines.lines:
+        lines.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,252 @@
+"""``kd-lightning study``: aggregation, a tiny digits study end to end, resuming, reruns on change, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_lightning import study as study_module
+from kd_lightning.models.loading import load_model
+from kd_lightning.study import StudyError, check_and_hash, load_study, main, plan, substitute_seed
+from kd_lightning.study_report import RunResult, mean_curve, mean_std, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "experiments" / "digits"
+# 1,078 training images at batch 256: 4 steps an epoch, 2 epochs, a validation after each
+TINY = {"data.init_args.batch_size": 256, "trainer.max_epochs": 2}
+PROGRESS = re.compile(r"^\[ *\d+\.\ds\] seed \d+ \w+: test acc \d+\.\d% \(best\) / \d+\.\d% \(last\)")
+
+
+def write_study(path: Path, seeds: list[int] | None = (0,), overrides: dict | None = None,
+                runs: dict | None = None, **extra) -> Path:
+    """A digits study over the experiments/digits configs (absolute paths, so it may live anywhere)."""
+    runs = runs if runs is not None else {
+        "teacher": {"configs": [str(DIGITS / "teacher.yaml")]},
+        "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher"},
+        "scratch_student": {"configs": [str(DIGITS / "scratch.yaml")]},
+    }
+    study = {"base": [str(DIGITS / "base.yaml")], **({"seeds": list(seeds)} if seeds is not None else {}),
+             "overrides": {**TINY, **(overrides or {})}, "runs": runs, **extra}
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+TRAIN_RUN = study_module.train_run
+
+
+class StudyStopped(Exception):
+    """Stands for Ctrl-C (not KeyboardInterrupt itself, which would stop pytest if it escaped)."""
+
+
+class TrainCounter:
+    """Replaces kd_lightning.study.train_run: records which runs trained, and stops the study when the run
+    named ``stop_at`` is about to train."""
+
+    def __init__(self, monkeypatch, stop_at: str | None = None) -> None:
+        self.trained: list[str] = []
+        self.stop_at = stop_at
+        monkeypatch.setattr(study_module, "train_run", self)
+
+    def __call__(self, run):
+        if run.spec.name == self.stop_at:
+            raise StudyStopped
+        self.trained.append(run.title)
+        return TRAIN_RUN(run)
+
+
+# -- aggregation ----------------------------------------------------------------------------------------------
+def test_mean_std_is_mean_and_sample_std():
+    mean, std = mean_std([90.0, 92.0, 94.0, 96.0])
+    assert mean == 93.0 and std == pytest.approx(math.sqrt(20 / 3))  # squares 9+1+1+9 over n-1 = 3
+    assert mean_std([91.5]) == (91.5, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_summarize_keeps_best_and_last_apart():
+    results = [
+        RunResult("kd", 0, test_acc_best=0.90, test_acc_last=0.80, params=10, size_kb=1.0, latency_us=30.0),
+        RunResult("kd", 1, test_acc_best=0.94, test_acc_last=0.84, params=10, size_kb=1.0, latency_us=20.0),
+        RunResult("teacher", 0, test_acc_best=0.97, test_acc_last=0.96),
+    ]
+    rows = summarize(results, ["teacher", "kd", "never_ran"], labels={"kd": "KD student"}, groups={"kd": "10%"})
+    assert [r["run"] for r in rows] == ["teacher", "kd"]  # the study's order; runs without results left out
+    teacher, kd = rows
+    assert kd["label"] == "KD student" and kd["group"] == "10%" and teacher["label"] == "teacher"
+    assert kd["seeds"] == 2
+    assert kd["best_ckpt_test_acc_mean"] == pytest.approx(92.0)
+    assert kd["best_ckpt_test_acc_std"] == pytest.approx(math.sqrt(8.0))  # (90 - 92)² + (94 - 92)² over 1
+    assert kd["last_ckpt_test_acc_mean"] == pytest.approx(82.0)
+    assert kd["last_ckpt_test_acc_std"] == pytest.approx(math.sqrt(8.0))
+    assert kd["latency_us"] == 20.0  # best of the seeds
+    assert teacher["best_ckpt_test_acc_mean"] == pytest.approx(97.0) and teacher["last_ckpt_test_acc_std"] == 0.0
+    assert teacher["params"] is None and teacher["latency_us"] is None
+
+
+def test_mean_curve_averages_seeds_step_by_step():
+    steps, means, stds = mean_curve([[(15, 0.5), (31, 0.7)], [(15, 0.7), (31, 0.9), (31, 0.8), (47, 0.95)]])
+    assert steps == [15, 31, 47]
+    assert means == pytest.approx([0.6, 0.75, 0.95])  # step 31 of the second curve counts its last value, 0.8
+    assert stds[0] == pytest.approx(math.sqrt(0.02)) and stds[2] == 0.0
+    assert mean_curve([]) == ([], [], [])
+
+
+def test_seed_placeholder():
+    assert substitute_seed("${seed}", 3) == 3
+    assert substitute_seed({"name": "run_${seed}", "keep": [1, "${seed}"]}, 4) == {"name": "run_4", "keep": [1, 4]}
+    with pytest.raises(StudyError, match="unknown placeholder"):
+        substitute_seed("${sed}", 1)
+
+
+# -- running --------------------------------------------------------------------------------------------------
+def test_tiny_study_end_to_end(tmp_path, capsys):
+    study = write_study(tmp_path / "study.yaml", seeds=[0, 1],
+                        overrides={"data.init_args.split_seed": "${seed}"}, title="tiny digits")
+    out = tmp_path / "out"
+    rows = main([str(study), "--out", str(out)])
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 6 and all(PROGRESS.match(line) for line in lines), lines
+    assert [(r["run"], r["seeds"]) for r in rows] == [("teacher", 2), ("kd_student", 2), ("scratch_student", 2)]
+    assert rows[0]["params"] > 10 * rows[1]["params"] and rows[1]["params"] == rows[2]["params"]
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == ["teacher", "kd_student", "scratch_student"]
+    assert {"best_ckpt_test_acc_mean", "best_ckpt_test_acc_std", "last_ckpt_test_acc_mean",
+            "last_ckpt_test_acc_std"} <= set(table[0])
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# tiny digits") and "test acc, best.ckpt (%)" in markdown and "| kd_student | 2 |" in markdown
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["per_seed"]) == 6
+    kd_seeds = [r for r in results["per_seed"] if r["run"] == "kd_student"]
+    assert rows[1]["best_ckpt_test_acc_mean"] == pytest.approx(50 * sum(r["test_acc_best"] for r in kd_seeds))
+    curve = results["val_acc_curves"]["teacher"]
+    assert curve["step"] == [3, 7] and all(0 < v <= 1 for v in curve["val_acc_mean"])  # 2 validations, 4 steps apart
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    for seed in (0, 1):
+        folder = out / "kd_student" / f"seed_{seed}"
+        assert (folder / "checkpoints" / "best.ckpt").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        # every student of a seed distils from that seed's teacher; the seed reaches the config values
+        assert config["model"]["init_args"]["teacher_checkpoint"] == str(out / "teacher" / f"seed_{seed}"
+                                                                         / "checkpoints" / "best.ckpt")
+        assert config["seed_everything"] == seed and config["data"]["init_args"]["split_seed"] == seed
+        # what evaluate/export read: the student's weights from the KD checkpoint
+        student = load_model("mlp", 10, checkpoint=str(folder / "checkpoints" / "best.ckpt"), hidden=[32])
+        assert sum(p.numel() for p in student.parameters()) == rows[1]["params"]
+
+
+def test_teacher_trained_once_teaches_every_seed(tmp_path):
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")], "once": True},
+            "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher"}}
+    study = write_study(tmp_path / "study.yaml", seeds=[5, 6], runs=runs,
+                        overrides={"trainer.max_epochs": 1})
+    rows = main([str(study), "--out", str(tmp_path / "out")])
+    assert [(r["run"], r["seeds"]) for r in rows] == [("teacher", 1), ("kd_student", 2)]
+    assert not (tmp_path / "out" / "teacher" / "seed_6").exists()
+    config = yaml.safe_load((tmp_path / "out" / "kd_student" / "seed_6" / "config.yaml").read_text())
+    assert config["model"]["init_args"]["teacher_checkpoint"].endswith("teacher/seed_5/checkpoints/best.ckpt")
+
+
+def test_stopped_study_resumes_without_retraining_finished_runs(tmp_path, monkeypatch, capsys):
+    study = write_study(tmp_path / "study.yaml")
+    out = tmp_path / "out"
+    stopped = TrainCounter(monkeypatch, stop_at="scratch_student")
+    with pytest.raises(StudyStopped):
+        main([str(study), "--out", str(out)])
+    assert stopped.trained == ["seed 0 teacher", "seed 0 kd_student"]
+    teacher_ckpt = out / "teacher" / "seed_0" / "checkpoints" / "best.ckpt"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    resumed = TrainCounter(monkeypatch)
+    rows = main([str(study), "--out", str(out)])
+    assert resumed.trained == ["seed 0 scratch_student"]
+    assert teacher_ckpt in before and all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.endswith("(finished before: skipped)") for line in lines] == [True, True, False]
+    assert [r["run"] for r in rows] == ["teacher", "kd_student", "scratch_student"]
+
+
+def test_changed_config_reruns_that_run_and_its_students(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch.yaml"
+    scratch.write_text((DIGITS / "scratch.yaml").read_text())
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")]},
+            "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher"},
+            "scratch_student": {"configs": ["scratch.yaml"]}}  # relative to the study file
+    study = write_study(tmp_path / "study.yaml", runs=runs)
+    out = tmp_path / "out"
+    main([str(study), "--out", str(out)])
+
+    counter = TrainCounter(monkeypatch)
+    main([str(study), "--out", str(out), "--verbose"])  # progress bars on: display only, nothing trains again
+    assert counter.trained == []
+
+    scratch.write_text(scratch.read_text().replace("lr: 0.003", "lr: 0.002"))  # the file's content, same path
+    main([str(study), "--out", str(out)])
+    assert counter.trained == ["seed 0 scratch_student"]
+
+    counter.trained.clear()
+    runs["teacher"]["overrides"] = {"model.init_args.lr": 0.002}
+    write_study(study, runs=runs)
+    main([str(study), "--out", str(out)])
+    assert counter.trained == ["seed 0 teacher", "seed 0 kd_student"]  # a new teacher: its student distils again
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s["runs"]["kd_student"].update(configs=["kdd.yaml"]), "run 'kd_student': config file not found: "),
+    (lambda s: s["runs"]["kd_student"].update(teacher="teachr"),
+     "run 'kd_student' names teacher 'teachr', which is not a run of this study (runs: teacher, kd_student,"),
+    (lambda s: s.pop("seeds"), "'seeds' is required"),
+    (lambda s: s.update(sedes=[0]), "unknown key 'sedes' (known: title, base, seeds, overrides, runs)"),
+    (lambda s: s["runs"]["teacher"].update(overides={}), "run 'teacher': unknown key 'overides'"),
+    (lambda s: s["overrides"].update({"trainer.logger.init_args.save_dir": "elsewhere"}), "set by the study runner"),
+    # errors only the CLI parser finds, in the last run: still reported before the first run trains
+    (lambda s: s["runs"]["scratch_student"].update(overrides={"model.init_args.temprature": 2}),
+     "run 'scratch_student' (seed 0): Parser key \"model\": Problem with given class_path "
+     "'kd_lightning.ClassifierModule': Option 'temprature' is not accepted"),
+    (lambda s: s["runs"]["scratch_student"].update(overrides={"model.init_args.model": "resnet99"}),
+     "run 'scratch_student' (seed 0): Unknown model name 'resnet99'. Known models: digits_cnn"),
+])
+def test_bad_study_fails_before_anything_is_written(tmp_path, capsys, change, message):
+    path = write_study(tmp_path / "study.yaml")
+    study = yaml.safe_load(path.read_text())
+    change(study)
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kd-lightning: error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_study_through_the_command(tmp_path):
+    path = write_study(tmp_path / "study.yaml", seeds=None)
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.cli", "study", str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"kd-lightning: error: {path}: 'seeds' is required: a list of integers, e.g. seeds: [0, 1, 2]."
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_repository_studies_are_valid(tmp_path):
+    """Every study YAML under experiments/ names existing configs, and every run parses and builds."""
+    studies = [p for p in (ROOT / "experiments").rglob("*.yaml") if "runs" in (yaml.safe_load(p.read_text()) or {})]
+    assert {p.name for p in studies} >= {"study.yaml", "study_same_labels.yaml"}
+    for path in studies:
+        spec = load_study(path)
+        for run in plan(spec, tmp_path / "out"):
+            run.config_hash = check_and_hash(run)  # parses and builds the run, writes nothing
+    assert not (tmp_path / "out").exists()
