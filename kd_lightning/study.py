@@ -364,6 +364,9 @@ def finished_result(run: PlannedRun) -> RunResult | None:
 def train_run(run: PlannedRun) -> RunResult:
     """Fit ``run`` through the kd-lightning CLI, test its best.ckpt and last.ckpt, measure the network, and
     record it all in ``run.json``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kd_lightning.callbacks import LastCheckpoint
     from kd_lightning.cli import cli_main
 
     start = time.perf_counter()
@@ -375,12 +378,13 @@ def train_run(run: PlannedRun) -> RunResult:
         args.append(f"--model.init_args.teacher_checkpoint={run.teacher.folder / teacher_record['best_checkpoint']}")
     cli = cli_main(args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    checkpoints = [c for c in trainer.checkpoint_callbacks
-                   if Path(c.dirpath or "").resolve() == (run.folder / "checkpoints").resolve()]
-    if not checkpoints or not checkpoints[0].best_model_path or not checkpoints[0].last_model_path:
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
+                   and Path(c.dirpath or "").resolve() == (run.folder / "checkpoints").resolve()]
+    last_paths = [c.last_saved_path for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.last_saved_path]
+    if not checkpoints or not checkpoints[0].best_model_path or not last_paths:
         raise RuntimeError(f"{run.title}: no best and last checkpoint in {run.folder / 'checkpoints'}; "
-                           "a study needs checkpoint.monitor and checkpoint.save_last (kd-lightning's defaults).")
-    best, last = Path(checkpoints[0].best_model_path), Path(checkpoints[0].last_model_path)
+                           "a study needs checkpoint.monitor and LastCheckpoint (kd-lightning's defaults).")
+    best, last = Path(checkpoints[0].best_model_path), Path(last_paths[0])
     # test/acc in TensorBoard is the best checkpoint's, as after `kd-lightning test --ckpt_path .../best.ckpt`
     test_best = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)[0]
     trainer.loggers = []  # the last checkpoint's test/acc would land on the same tag and step
