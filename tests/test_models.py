@@ -18,6 +18,7 @@ CIFAR_MODELS = ["resnet8x4", "resnet32x4", "resnet20", "resnet56", "wrn_16_2", "
 INPUT_SHAPES = {
     **{name: (3, 64, 64) for name in IMAGENET_MODELS},
     **{name: (3, 32, 32) for name in CIFAR_MODELS},
+    "flowers_article_cnn": (3, 224, 224),
     "flowers_cnn": (3, 32, 32),
     "digits_cnn": (1, 8, 8),
     "mlp": (64,),
@@ -87,6 +88,26 @@ def test_flowers_cnn_any_size():
     model = build_model("flowers_cnn", NUM_CLASSES).eval()
     for size in (32, 75, 224):
         assert model(torch.randn(BATCH, 3, size, size)).shape == (BATCH, NUM_CLASSES)
+
+
+@torch.no_grad()
+def test_flowers_article_student_is_the_published_network():
+    """conv 7x7/2 (32, pad 3) - ReLU - max-pool 3x3/2 - conv 3x3/2 (32, pad 1) - ReLU - max-pool 3x3/2 - flatten
+    - dropout 0.4 - linear with 5,408 inputs at 224 px; the linear layer follows the image size."""
+    model = build_model("flowers_article_cnn", 5).eval()
+    conv1, conv2 = model.features[0], model.features[3]
+    assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.out_channels) == ((7, 7), (2, 2), (3, 3), 32)
+    assert (conv2.kernel_size, conv2.stride, conv2.padding, conv2.out_channels) == ((3, 3), (2, 2), (1, 1), 32)
+    assert [m.kernel_size for m in model.features if isinstance(m, torch.nn.MaxPool2d)] == [3, 3]
+    assert model.dropout.p == 0.4 and model.fc.in_features == 5408
+    assert n_params(model) == (3 * 49 * 32 + 32) + (32 * 9 * 32 + 32) + (5408 * 5 + 5)
+    small = build_model("flowers_article_cnn", 5, image_size=128).eval()
+    assert small.fc.in_features == 32 * 7 * 7
+    assert small(torch.randn(BATCH, 3, 128, 128)).shape == (BATCH, 5)
+    with pytest.raises(RuntimeError):  # sized for 128 px: other sizes do not fit its linear layer
+        small(torch.randn(BATCH, 3, 224, 224))
+    with pytest.raises(ValueError, match="at least 32 px"):
+        build_model("flowers_article_cnn", 5, image_size=16)
 
 
 def test_unknown_name_lists_known_models():

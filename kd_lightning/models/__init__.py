@@ -15,7 +15,7 @@ from torch import nn
 
 from kd_lightning.models.cifar_resnet import resnet8x4, resnet20, resnet32x4, resnet56
 from kd_lightning.models.googlenet import googlenet
-from kd_lightning.models.small import digits_cnn, flowers_cnn, mlp
+from kd_lightning.models.small import digits_cnn, flowers_article_cnn, flowers_cnn, mlp
 from kd_lightning.models.torchvision_models import (
     efficientnet_b0,
     mobilenet_v3_small,
@@ -41,7 +41,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn_16_2": wrn_16_2,
     "wrn_40_2": wrn_40_2,
     # small students
-    "flowers_cnn": flowers_cnn,
+    "flowers_article_cnn": flowers_article_cnn,  # the flowers article's student (linear sized by image_size)
+    "flowers_cnn": flowers_cnn,  # its global-pooling variant
     "digits_cnn": digits_cnn,
     "mlp": mlp,
 }

@@ -1,4 +1,5 @@
-"""Small student networks: the flowers study's five-layer CNN, a tiny CNN for 8x8 digits, and an MLP."""
+"""Small student networks: the flowers article's five-layer CNN and a global-pooling variant of it, a tiny CNN
+for 8x8 digits, and an MLP."""
 
 from __future__ import annotations
 
@@ -6,8 +7,42 @@ import torch
 from torch import Tensor, nn
 
 
+class FlowersArticleCNN(nn.Module):
+    """The flowers article's five-layer student, as published: conv 7x7/2 (32) - ReLU - max-pool 3x3/2 -
+    conv 3x3/2 (32) - ReLU - max-pool 3x3/2 - flatten - dropout 0.4 - linear. It keeps the spatial layout up to
+    the classifier (5,408 inputs at 224 px), which is what lets it follow a teacher's class scores."""
+
+    def __init__(self, num_classes: int, image_size: int = 224, channels: int = 32, dropout: float = 0.4) -> None:
+        super().__init__()
+        side = _article_feature_side(image_size)
+        if side < 1:
+            raise ValueError(f"flowers_article_cnn needs images of at least 32 px, got image_size={image_size}.")
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels, 7, stride=2, padding=3), nn.ReLU(inplace=True),  # (B, C, S/2, S/2)
+            nn.MaxPool2d(3, stride=2),  # (B, C, ~S/4, ~S/4)
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(inplace=True),  # (B, C, ~S/8, ~S/8)
+            nn.MaxPool2d(3, stride=2),  # (B, C, side, side): 13 x 13 at 224 px
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * side * side, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.flatten(self.features(x), 1)  # (B, C * side * side)
+        return self.fc(self.dropout(x))  # (B, num_classes)
+
+
+def _article_feature_side(image_size: int) -> int:
+    """Height (= width) of the article student's last feature map for square ``image_size`` inputs."""
+    side = (image_size + 2 * 3 - 7) // 2 + 1  # conv 7x7/2, padding 3
+    side = (side - 3) // 2 + 1  # max-pool 3x3/2
+    side = (side + 2 * 1 - 3) // 2 + 1  # conv 3x3/2, padding 1
+    return (side - 3) // 2 + 1  # max-pool 3x3/2
+
+
 class FlowersCNN(nn.Module):
-    """Five-layer student: conv7x7/2-ReLU, max-pool 2, conv3x3/2-ReLU, global average pool, dropout-fc."""
+    """A global-pooling variant of the article's student (not the article's network): conv7x7/2-ReLU, max-pool 2,
+    conv3x3/2-ReLU, global average pool, dropout-fc. Any input size, fewer weights, but pooling away the spatial
+    layout leaves it less able to follow a teacher."""
 
     def __init__(self, num_classes: int, channels: tuple[int, int] = (24, 48), dropout: float = 0.5) -> None:
         super().__init__()
@@ -60,8 +95,14 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def flowers_article_cnn(num_classes: int, image_size: int = 224, channels: int = 32,
+                        dropout: float = 0.4) -> nn.Module:
+    """The flowers article's five-layer student; its linear layer is sized for ``image_size`` (square) inputs."""
+    return FlowersArticleCNN(num_classes, image_size, channels, dropout)
+
+
 def flowers_cnn(num_classes: int, channels: tuple[int, int] = (24, 48), dropout: float = 0.5) -> nn.Module:
-    """The flowers study's five-layer student CNN (any input >= 32 px, < 100 KB of weights)."""
+    """A global-average-pooling variant of the article's student (any input >= 32 px, < 100 KB of weights)."""
     return FlowersCNN(num_classes, tuple(channels), dropout)
 
 
