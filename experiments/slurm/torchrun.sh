@@ -11,8 +11,9 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-$(python3 -c "import torch; print(max(torch.cuda.
 ACCELERATOR=${ACCELERATOR:-$(python3 -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
 MASTER=${MASTER:-localhost}
 
+# arguments: config files (*.yaml, merged in order), then any overrides (--model.init_args.temperature 2 ...)
 configs=()
-for config in "$@"; do configs+=(--config "$config"); done
+for arg in "$@"; do case "$arg" in *.yaml|*.yml) configs+=(--config "$arg") ;; *) configs+=("$arg") ;; esac; done
 
 if [ "$NNODES" = 1 ]; then rendezvous=(--standalone); else rendezvous=(--rdzv_backend=c10d --rdzv_endpoint="$MASTER:29500"); fi
 torchrun "${rendezvous[@]}" --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" -m kd_lightning.cli fit \
