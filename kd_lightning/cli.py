@@ -76,16 +76,19 @@ class KDLightningCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         logger = _logger_init_args(config)
-        if self._resume_from is not None and logger is not None and logger.get("version") is None:
+        if self._resume_from is not None and logger is not None:
             # Continue the run's own log version (one TensorBoard curve), unless the config names another.
             run = self._resume_from.get(RUN_KEY) or {}
-            same_place = run.get("log_dir") and os.path.normpath(os.path.dirname(run["log_dir"])) == \
-                os.path.normpath(os.path.join(logger.get("save_dir") or ".", logger.get("name") or ""))
-            if same_place and run.get("logger_version") is not None:
+            saved_dir = run.get("log_dir")
+            place = os.path.join(logger.get("save_dir") or ".", logger.get("name") or "")
+            if logger.get("version") is None and saved_dir and run.get("logger_version") is not None and \
+                    os.path.normpath(os.path.dirname(saved_dir)) == os.path.normpath(place):
                 logger["version"] = run["logger_version"]
-                if "purge_step" in logger and logger.get("purge_step") is None:
-                    # TensorBoard drops what the stopped run logged after its checkpoint: no doubled points
-                    logger["purge_step"] = self._resume_from.get("global_step")
+            version = logger.get("version")
+            if version is not None and saved_dir and "purge_step" in logger and logger.get("purge_step") is None \
+                    and os.path.normpath(os.path.join(place, _version_folder(version))) == os.path.normpath(saved_dir):
+                # TensorBoard drops what the stopped run logged after its checkpoint: no doubled points
+                logger["purge_step"] = self._resume_from.get("global_step")
         elif ckpt_path is None and logger is not None and logger.get("version") is None and _in_slurm_job():
             # One log folder per SLURM job, so that the requeued job (same id) finds its own last.ckpt.
             logger["version"] = f"slurm_{slurm_job_id()}"
@@ -94,9 +97,8 @@ class KDLightningCLI(LightningCLI):
             # not the working directory that other runs share.
             version = logger.get("version")
             if version is not None:
-                version = version if isinstance(version, str) else f"version_{version}"
                 config.trainer.default_root_dir = os.path.join(logger.get("save_dir") or ".",
-                                                               logger.get("name") or "", version)
+                                                               logger.get("name") or "", _version_folder(version))
 
     def instantiate_classes(self) -> None:
         # jsonargparse wraps a constructor's error in a long union-validation report: show just the cause.
@@ -152,6 +154,11 @@ class KDLightningCLI(LightningCLI):
             _exit_with_error(err)
 
     before_test = before_validate
+
+
+def _version_folder(version: int | str) -> str:
+    """The folder a logger version names (Lightning's loggers: ``version_<n>`` for an int)."""
+    return version if isinstance(version, str) else f"version_{version}"
 
 
 def _in_slurm_job() -> bool:

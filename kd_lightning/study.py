@@ -361,18 +361,32 @@ def finished_result(run: PlannedRun) -> RunResult | None:
     return RunResult.from_dict(record["results"])
 
 
-def train_run(run: PlannedRun) -> RunResult:
-    """Fit ``run`` through the kd-lightning CLI, test its best.ckpt and last.ckpt, measure the network, and
-    record it all in ``run.json``."""
+def interrupted_checkpoint(run: PlannedRun) -> Path | None:
+    """``last.ckpt`` of an earlier, unfinished attempt at ``run`` with the same resolved config, else None: the
+    attempt resumes from it (exactly: see kd_lightning.seeding) instead of training again from the start."""
+    try:
+        started = json.loads((run.folder / "started.json").read_text())
+    except (OSError, ValueError):
+        return None
+    last = run.folder / "checkpoints" / "last.ckpt"
+    return last if started.get("config_hash") == run.config_hash and last.is_file() else None
+
+
+def train_run(run: PlannedRun, resume_from: Path | None = None) -> RunResult:
+    """Fit ``run`` through the kd-lightning CLI (from ``resume_from`` if given), test its best.ckpt and
+    last.ckpt, measure the network, and record it all in ``run.json``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from kd_lightning.callbacks import LastCheckpoint
     from kd_lightning.cli import cli_main
 
     start = time.perf_counter()
-    # a leftover of an unfinished or outdated run would mix its TensorBoard events and checkpoints into this one
-    shutil.rmtree(run.folder, ignore_errors=True)
-    args = ["fit", *run.args]
+    if resume_from is None:
+        # a leftover of an outdated run would mix its TensorBoard events and checkpoints into this one
+        shutil.rmtree(run.folder, ignore_errors=True)
+        run.folder.mkdir(parents=True)
+        _write_json_atomically(run.folder / "started.json", {"config_hash": run.config_hash})
+    args = ["fit", *run.args, *([f"--ckpt_path={resume_from}"] if resume_from else [])]
     if run.teacher is not None:
         teacher_record = json.loads((run.teacher.folder / "run.json").read_text())
         args.append(f"--model.init_args.teacher_checkpoint={run.teacher.folder / teacher_record['best_checkpoint']}")
@@ -437,7 +451,9 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] = pri
         result = finished_result(run)
         note = " (finished before: skipped)" if result else ""
         if result is None:
-            result = train_run(run)
+            resume_from = interrupted_checkpoint(run)
+            note = " (resumed an interrupted run from its last.ckpt)" if resume_from else ""
+            result = train_run(run, resume_from)
         results.append(result)
         log(f"[{time.perf_counter() - start:6.1f}s] {run.title}: test acc {100 * result.test_acc_best:.1f}% (best) "
             f"/ {100 * result.test_acc_last:.1f}% (last){note}")

@@ -55,11 +55,11 @@ class TrainCounter:
         self.stop_at = stop_at
         monkeypatch.setattr(study_module, "train_run", self)
 
-    def __call__(self, run):
+    def __call__(self, run, resume_from=None):
         if run.spec.name == self.stop_at:
             raise StudyStopped
         self.trained.append(run.title)
-        return TRAIN_RUN(run)
+        return TRAIN_RUN(run, resume_from)
 
 
 # -- aggregation ----------------------------------------------------------------------------------------------
@@ -176,6 +176,45 @@ def test_stopped_study_resumes_without_retraining_finished_runs(tmp_path, monkey
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert [line.endswith("(finished before: skipped)") for line in lines] == [True, True, False]
     assert [r["run"] for r in rows] == ["teacher", "kd_student", "scratch_student"]
+
+
+def test_a_study_preempted_inside_a_run_resumes_that_run_exactly(tmp_path, monkeypatch, capsys):
+    """SIGTERM in the middle of the KD student's second epoch: the study exits with 143 after saving last.ckpt;
+    started again, it resumes that run from last.ckpt, and ends with the uninterrupted study's weights."""
+    import torch
+
+    import kd_lightning.cli
+
+    main([str(write_study(tmp_path / "reference.yaml")), "--out", str(tmp_path / "reference")])
+    study = str(write_study(tmp_path / "study.yaml"))
+    cli_main = kd_lightning.cli.cli_main
+    stop = "--trainer.callbacks+={class_path: kill_switch.KillAt, init_args: {epoch: 1, batch: 1, signal_name: SIGTERM}}"
+
+    def preempted_kd_student(args, run=True):  # only the training of the KD student (run=False: config checks)
+        return cli_main([*args, stop] if run and "--trainer.logger.init_args.name=kd_student" in args else args, run)
+
+    monkeypatch.setattr(kd_lightning.cli, "cli_main", preempted_kd_student)
+    with pytest.raises(SystemExit) as exit_status:
+        main([study, "--out", str(tmp_path / "out")])
+    assert exit_status.value.code == 143
+    monkeypatch.setattr(kd_lightning.cli, "cli_main", cli_main)
+    interrupted = tmp_path / "out/kd_student/seed_0"
+    assert not (interrupted / "run.json").exists()
+    assert torch.load(interrupted / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 + 2
+
+    capsys.readouterr()
+    main([study, "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("teacher" in line and "skipped" in line for line in lines)
+    assert any("kd_student" in line and "resumed an interrupted run" in line for line in lines)
+    for run in ("kd_student", "scratch_student"):
+        done, reference = (json.loads((tmp_path / f"{out}/{run}/seed_0/run.json").read_text())["results"]
+                           for out in ("out", "reference"))
+        assert done["test_acc_best"] == reference["test_acc_best"]
+        assert done["test_acc_last"] == reference["test_acc_last"]
+        resumed, uninterrupted = (torch.load(tmp_path / f"{out}/{run}/seed_0/checkpoints/last.ckpt",
+                                             weights_only=True)["state_dict"] for out in ("out", "reference"))
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_changed_config_reruns_that_run_and_its_students(tmp_path, monkeypatch):
