@@ -19,6 +19,8 @@ A study is YAML; its runs are the same config files ``kd-lightning fit`` takes, 
         label: scratch student          # optional: the name in tables and figures
         group: all labels               # optional: a first column that groups runs
         # once: true                    # optional: train with the first seed only (e.g. one shared teacher)
+        # x: 10                         # optional: a number (e.g. % of labels); the figure then adds test
+                                        # accuracy against x, one line per label (x_label: the axis title)
 
 Every run goes through the kd-lightning LightningCLI in this process (no second config system, no second
 training loop); its TensorBoard logs, ``config.yaml`` and checkpoints (``checkpoints/best.ckpt``,
@@ -53,8 +55,8 @@ import yaml
 from kd_lightning.study_report import (RunResult, mean_curve, plot_results, read_scalar_curve, summarize,
                                        to_markdown, write_results)
 
-STUDY_KEYS = ("title", "base", "seeds", "overrides", "runs")
-RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group")
+STUDY_KEYS = ("title", "base", "seeds", "overrides", "runs", "x_label")
+RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group", "x")
 SEED_PLACEHOLDER = "${seed}"
 RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a folder name
 # Output settings the runner owns: a study may not move a run's files out of its folder.
@@ -79,6 +81,7 @@ class RunSpec:
     once: bool = False
     label: str = ""
     group: str = ""
+    x: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class StudySpec:
     seeds: tuple[int, ...]
     overrides: dict[str, Any]
     runs: tuple[RunSpec, ...]
+    x_label: str = ""
 
     def run(self, name: str) -> RunSpec:
         return next(r for r in self.runs if r.name == name)
@@ -158,13 +162,17 @@ def parse_study(data: Any, path: Path) -> StudySpec:
                                 f"not a run of this study (runs: {', '.join(map(str, runs_data))})."))
         if not isinstance(run.get("once", False), bool):
             raise StudyError(f"{run_where}: 'once' must be true or false, got {run['once']!r}.")
+        x = run.get("x")
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
+            raise StudyError(f"{run_where}: 'x' must be a number (e.g. the % of labels), got {x!r}.")
         runs.append(RunSpec(name=name, configs=_config_paths(run.get("configs", []), run_where, folder),
                             overrides=_overrides(run.get("overrides"), f"{run_where}: overrides"),
                             teacher=teacher, once=run.get("once", False), label=str(run.get("label", "")),
-                            group=str(run.get("group", ""))))
+                            group=str(run.get("group", "")), x=None if x is None else float(x)))
     return StudySpec(path=path, title=str(data.get("title") or path.stem), seeds=tuple(seeds),
                      base=_config_paths(data.get("base", []), f"{where}: base", folder),
-                     overrides=_overrides(data.get("overrides"), f"{where}: overrides"), runs=tuple(runs))
+                     overrides=_overrides(data.get("overrides"), f"{where}: overrides"), runs=tuple(runs),
+                     x_label=str(data.get("x_label") or "x"))
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -459,7 +467,8 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] = pri
             f"/ {100 * result.test_acc_last:.1f}% (last){note}")
 
     names = [r.name for r in spec.runs]
-    rows = summarize(results, names, {r.name: r.label for r in spec.runs}, {r.name: r.group for r in spec.runs})
+    rows = summarize(results, names, {r.name: r.label for r in spec.runs}, {r.name: r.group for r in spec.runs},
+                     {r.name: r.x for r in spec.runs})
     curves = {}
     for name in names:
         seed_curves = [read_scalar_curve(run.folder, "val/acc") for run in planned if run.spec.name == name]
@@ -467,7 +476,7 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] = pri
     study = {"file": str(spec.path), "seeds": list(spec.seeds),
              "runs": {run.title: {"folder": str(run.folder), "args": run.args} for run in planned}}
     write_results(out, spec.title, rows, results, curves, study)
-    plot_results(out / "results.png", spec.title, rows, curves)
+    plot_results(out / "results.png", spec.title, rows, curves, spec.x_label)
     return rows
 
 

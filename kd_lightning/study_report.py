@@ -48,10 +48,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(results: Sequence[RunResult], runs: Sequence[str], labels: dict[str, str] | None = None,
-              groups: dict[str, str] | None = None) -> list[dict[str, Any]]:
+              groups: dict[str, str] | None = None, xs: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
     """One row per run (in the order of ``runs``; runs without results are left out), accuracies in percent:
-    mean ± std over seeds at the best-validation checkpoint and at the last checkpoint."""
-    labels, groups = labels or {}, groups or {}
+    mean ± std over seeds at the best-validation checkpoint and at the last checkpoint, and the best validation
+    accuracy (the number to tune on); ``xs``: a run's position on the figure's x axis (e.g. % of labels)."""
+    labels, groups, xs = labels or {}, groups or {}, xs or {}
     rows = []
     for run in runs:
         of_run = [r for r in results if r.run == run]
@@ -60,11 +61,14 @@ def summarize(results: Sequence[RunResult], runs: Sequence[str], labels: dict[st
         best_mean, best_std = mean_std([100 * r.test_acc_best for r in of_run])
         last_mean, last_std = mean_std([100 * r.test_acc_last for r in of_run])
         latencies = [r.latency_us for r in of_run if r.latency_us is not None]
+        val_accs = [100 * r.best_val_acc for r in of_run if r.best_val_acc is not None]
+        val_mean, val_std = mean_std(val_accs) if val_accs else (None, None)
         rows.append({
             "group": groups.get(run, ""), "run": run, "label": labels.get(run) or run,
             "seeds": len(of_run),
             "best_ckpt_test_acc_mean": best_mean, "best_ckpt_test_acc_std": best_std,
             "last_ckpt_test_acc_mean": last_mean, "last_ckpt_test_acc_std": last_std,
+            "best_val_acc_mean": val_mean, "best_val_acc_std": val_std, "x": xs.get(run),
             "params": of_run[0].params, "size_kb": of_run[0].size_kb,
             # the minimum is the stable statistic on a shared machine: noise only ever adds time
             "latency_us": min(latencies) if latencies else None,
@@ -105,7 +109,8 @@ def _pct(mean: float, std: float) -> str:
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     with_groups = any(r["group"] for r in rows)
     header = (["group"] if with_groups else []) + [
-        "run", "seeds", "test acc, best.ckpt (%)", "test acc, last.ckpt (%)", "params", "size on disk",
+        "run", "seeds", "test acc, best.ckpt (%)", "test acc, last.ckpt (%)", "best val acc (%)", "params",
+        "size on disk",
         "CPU latency / image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -113,13 +118,15 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
             r["label"], str(r["seeds"]),
             _pct(r["best_ckpt_test_acc_mean"], r["best_ckpt_test_acc_std"]),
             _pct(r["last_ckpt_test_acc_mean"], r["last_ckpt_test_acc_std"]),
+            "" if r.get("best_val_acc_mean") is None else _pct(r["best_val_acc_mean"], r["best_val_acc_std"]),
             "" if r["params"] is None else f"{r['params']:,}",
             "" if r["size_kb"] is None else f"{r['size_kb']:.1f} KB",
             "" if r["latency_us"] is None else f"{r['latency_us']:.0f} µs"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         "\nTest accuracy: mean ± sample std over seeds; best.ckpt is the checkpoint of the best validation accuracy, "
-        "last.ckpt the last one written. Size on disk: the trained network's state_dict; latency: best of 300 "
+        "last.ckpt the last one written; best val acc: the validation accuracy that chose best.ckpt (tune on it, "
+        "not on test). Size on disk: the trained network's state_dict; latency: best of 300 "
         "single-image forward passes on one CPU thread.")
     return "\n".join(lines)
 
@@ -141,16 +148,20 @@ def write_results(out: Path, title: str, rows: Sequence[dict[str, Any]], results
 
 
 def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
-                 curves: dict[str, tuple[list[int], list[float], list[float]]]) -> None:
+                 curves: dict[str, tuple[list[int], list[float], list[float]]], x_label: str = "x") -> None:
     """Left: test accuracy per run (best.ckpt and last.ckpt, error bars: std over seeds). Right: validation
-    accuracy against optimizer steps per run, mean over seeds (band: ± std)."""
+    accuracy against optimizer steps per run, mean over seeds (band: ± std). Where runs have an ``x`` (e.g. %
+    of labels), a middle panel: best.ckpt test accuracy against x, one line per label, and the runs without
+    an x (e.g. the teacher) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     names = [f"{r['group']}\n{r['label']}" if r["group"] else r["label"] for r in rows]
-    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=90)
+    with_x = any(r.get("x") is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_x else 2, figsize=(18 if with_x else 12, 4.2), dpi=90)
+    bars, lines = axes[0], axes[-1]
     x = range(len(rows))
     width = 0.38
     for offset, key, label in ((-width / 2, "best_ckpt", "best.ckpt"), (width / 2, "last_ckpt", "last.ckpt")):
@@ -158,10 +169,12 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
                  yerr=[r[f"{key}_test_acc_std"] for r in rows], capsize=3, label=label)
     low = min(r[f"{k}_test_acc_mean"] - r[f"{k}_test_acc_std"] for r in rows for k in ("best_ckpt", "last_ckpt"))
     bars.set_ylim(max(0.0, 5 * math.floor((low - 5) / 5)), 100)  # zoom in: the differences are what matter
-    bars.set_xticks(list(x), names, fontsize=8)
+    bars.set_xticks(list(x), names, fontsize=8 if len(rows) < 8 else 6, rotation=0 if len(rows) < 8 else 60)
     bars.set_ylabel("test accuracy (%)")
     bars.set_title("Test accuracy, mean ± std over seeds")
     bars.legend(loc="upper right", fontsize=8)
+    if with_x:
+        _plot_against_x(axes[1], rows, x_label)
     for r, name in zip(rows, names):
         steps, means, stds = curves.get(r["run"], ([], [], []))
         if not steps:
@@ -180,3 +193,31 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plot_against_x(ax: Any, rows: Sequence[dict[str, Any]], x_label: str) -> None:
+    """best.ckpt test accuracy against each run's ``x``: a line (error bars: std over seeds) per label; a run
+    without an x is a horizontal line (band: ± std) across the panel."""
+    labels = list(dict.fromkeys(r["label"] for r in rows if r.get("x") is not None))
+    for label in labels:
+        points = sorted((r["x"], r["best_ckpt_test_acc_mean"], r["best_ckpt_test_acc_std"], r["seeds"])
+                        for r in rows if r["label"] == label and r.get("x") is not None)
+        xs, means, stds, seeds = zip(*points)
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+        for x_value, mean, n in zip(xs, means, seeds):
+            ax.annotate(f"{mean:.1f}" + ("" if n > 1 else "*"), (x_value, mean), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
+    for r in rows:
+        if r.get("x") is None:
+            line = ax.axhline(r["best_ckpt_test_acc_mean"], linestyle="--", color="gray", label=r["label"])
+            ax.axhspan(r["best_ckpt_test_acc_mean"] - r["best_ckpt_test_acc_std"],
+                       r["best_ckpt_test_acc_mean"] + r["best_ckpt_test_acc_std"], color=line.get_color(), alpha=0.1)
+    ax.set_xscale("log")
+    ticks = sorted({r["x"] for r in rows if r.get("x") is not None})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("test accuracy, best.ckpt (%)")
+    ax.set_title("Test accuracy against " + x_label + " (* one seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

@@ -94,7 +94,7 @@ def test_flowers_cnn_any_size():
 def test_flowers_article_student_is_the_published_network():
     """conv 7x7/2 (32, pad 3) - ReLU - max-pool 3x3/2 - conv 3x3/2 (32, pad 1) - ReLU - max-pool 3x3/2 - flatten
     - dropout 0.4 - linear with 5,408 inputs at 224 px; the linear layer follows the image size."""
-    model = build_model("flowers_article_cnn", 5).eval()
+    model = build_model("flowers_article_cnn", 5, image_size=224).eval()
     conv1, conv2 = model.features[0], model.features[3]
     assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.out_channels) == ((7, 7), (2, 2), (3, 3), 32)
     assert (conv2.kernel_size, conv2.stride, conv2.padding, conv2.out_channels) == ((3, 3), (2, 2), (1, 1), 32)
@@ -108,6 +108,20 @@ def test_flowers_article_student_is_the_published_network():
         small(torch.randn(BATCH, 3, 224, 224))
     with pytest.raises(ValueError, match="at least 32 px"):
         build_model("flowers_article_cnn", 5, image_size=16)
+
+
+def test_flowers_article_student_without_image_size_sizes_its_classifier_from_the_first_batch():
+    torch.manual_seed(0)
+    model = build_model("flowers_article_cnn", 5).eval()  # image_size None: a lazy linear layer
+    with torch.no_grad():
+        out = model(torch.randn(BATCH, 3, 64, 64))
+    assert out.shape == (BATCH, 5) and model.fc.in_features == 32 * 3 * 3
+    assert n_params(model) == (3 * 49 * 32 + 32) + (32 * 9 * 32 + 32) + (288 * 5 + 5)
+    fresh = build_model("flowers_article_cnn", 5).eval()  # a checkpoint loads into a network never run
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(BATCH, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
 
 
 def test_unknown_name_lists_known_models():

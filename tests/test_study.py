@@ -16,7 +16,7 @@ import yaml
 from kd_lightning import study as study_module
 from kd_lightning.models.loading import load_model
 from kd_lightning.study import StudyError, check_and_hash, load_study, main, plan, substitute_seed
-from kd_lightning.study_report import RunResult, mean_curve, mean_std, summarize
+from kd_lightning.study_report import RunResult, mean_curve, mean_std, plot_results, summarize, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits"
@@ -89,6 +89,29 @@ def test_summarize_keeps_best_and_last_apart():
     assert kd["latency_us"] == 20.0  # best of the seeds
     assert teacher["best_ckpt_test_acc_mean"] == pytest.approx(97.0) and teacher["last_ckpt_test_acc_std"] == 0.0
     assert teacher["params"] is None and teacher["latency_us"] is None
+
+
+def test_rows_carry_validation_accuracy_and_x_and_the_figure_plots_against_x(tmp_path):
+    results = [RunResult("kd_10", seed, test_acc_best=0.6 + seed / 100, test_acc_last=0.5, best_val_acc=0.7 + seed / 100)
+               for seed in (0, 1)] + [
+        RunResult("kd_50", 0, test_acc_best=0.8, test_acc_last=0.8, best_val_acc=0.82),
+        RunResult("scratch_10", 0, test_acc_best=0.4, test_acc_last=0.4),
+        RunResult("teacher", 0, test_acc_best=0.9, test_acc_last=0.9)]
+    xs = {"kd_10": 10.0, "kd_50": 50.0, "scratch_10": 10.0}
+    labels = {"kd_10": "KD", "kd_50": "KD", "scratch_10": "scratch"}
+    rows = summarize(results, ["teacher", "kd_10", "kd_50", "scratch_10"], labels=labels, xs=xs)
+    teacher, kd_10, kd_50, scratch_10 = rows
+    assert kd_10["best_val_acc_mean"] == pytest.approx(70.5) and kd_10["best_val_acc_std"] == pytest.approx(0.7071, abs=1e-4)
+    assert scratch_10["best_val_acc_mean"] is None and teacher["x"] is None and kd_50["x"] == 50.0
+    markdown = to_markdown(rows)
+    assert "| KD | 2 | 60.5 ± 0.7 | 50.0 ± 0.0 | 70.5 ± 0.7 |" in markdown
+
+    def png_width(path):
+        return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+    plot_results(tmp_path / "with_x.png", "t", rows, {}, x_label="% of labels")
+    plot_results(tmp_path / "without_x.png", "t", [dict(r, x=None) for r in rows], {})
+    assert png_width(tmp_path / "with_x.png") > 1.4 * png_width(tmp_path / "without_x.png")  # a third panel
 
 
 def test_mean_curve_averages_seeds_step_by_step():
@@ -248,7 +271,8 @@ def test_changed_config_reruns_that_run_and_its_students(tmp_path, monkeypatch):
     (lambda s: s["runs"]["kd_student"].update(teacher="teachr"),
      "run 'kd_student' names teacher 'teachr', which is not a run of this study (runs: teacher, kd_student,"),
     (lambda s: s.pop("seeds"), "'seeds' is required"),
-    (lambda s: s.update(sedes=[0]), "unknown key 'sedes' (known: title, base, seeds, overrides, runs)"),
+    (lambda s: s.update(sedes=[0]), "unknown key 'sedes' (known: title, base, seeds, overrides, runs, x_label)"),
+    (lambda s: s["runs"]["kd_student"].update(x="ten"), "run 'kd_student': 'x' must be a number (e.g. the % of labels)"),
     (lambda s: s["runs"]["teacher"].update(overides={}), "run 'teacher': unknown key 'overides'"),
     (lambda s: s["overrides"].update({"trainer.logger.init_args.save_dir": "elsewhere"}), "set by the study runner"),
     # errors only the CLI parser finds, in the last run: still reported before the first run trains

@@ -3,6 +3,8 @@ for 8x8 digits, and an MLP."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -10,12 +12,18 @@ from torch import Tensor, nn
 class FlowersArticleCNN(nn.Module):
     """The flowers article's five-layer student, as published: conv 7x7/2 (32) - ReLU - max-pool 3x3/2 -
     conv 3x3/2 (32) - ReLU - max-pool 3x3/2 - flatten - dropout 0.4 - linear. It keeps the spatial layout up to
-    the classifier (5,408 inputs at 224 px), which is what lets it follow a teacher's class scores."""
+    the classifier (5,408 inputs at 224 px), which is what lets it follow a teacher's class scores.
 
-    def __init__(self, num_classes: int, image_size: int = 224, channels: int = 32, dropout: float = 0.4) -> None:
+    ``image_size`` sizes the linear layer for square images of that side; ``None`` sizes it from the first batch
+    it sees (``nn.LazyLinear``; kd-lightning runs a zero batch of the data's shape before training, so the
+    weights exist before the optimizer is made and a checkpoint loads into a fresh network of any size).
+    """
+
+    def __init__(self, num_classes: int, image_size: int | None = None, channels: int = 32,
+                 dropout: float = 0.4) -> None:
         super().__init__()
-        side = _article_feature_side(image_size)
-        if side < 1:
+        side = None if image_size is None else _article_feature_side(image_size)
+        if side is not None and side < 1:
             raise ValueError(f"flowers_article_cnn needs images of at least 32 px, got image_size={image_size}.")
         self.features = nn.Sequential(
             nn.Conv2d(3, channels, 7, stride=2, padding=3), nn.ReLU(inplace=True),  # (B, C, S/2, S/2)
@@ -24,7 +32,12 @@ class FlowersArticleCNN(nn.Module):
             nn.MaxPool2d(3, stride=2),  # (B, C, side, side): 13 x 13 at 224 px
         )
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(channels * side * side, num_classes)
+        if side is None:
+            with warnings.catch_warnings():  # "lazy modules are a new feature": the one we use is stable
+                warnings.simplefilter("ignore", UserWarning)
+                self.fc: nn.Module = nn.LazyLinear(num_classes)
+        else:
+            self.fc = nn.Linear(channels * side * side, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = torch.flatten(self.features(x), 1)  # (B, C * side * side)
@@ -95,9 +108,10 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def flowers_article_cnn(num_classes: int, image_size: int = 224, channels: int = 32,
+def flowers_article_cnn(num_classes: int, image_size: int | None = None, channels: int = 32,
                         dropout: float = 0.4) -> nn.Module:
-    """The flowers article's five-layer student; its linear layer is sized for ``image_size`` (square) inputs."""
+    """The flowers article's five-layer student; its linear layer is sized for ``image_size`` (square) inputs,
+    or from the first batch when ``image_size`` is None."""
     return FlowersArticleCNN(num_classes, image_size, channels, dropout)
 
 
