@@ -271,3 +271,32 @@ def test_bad_terms_from_yaml_stop_before_anything_is_written(tmp_path, term, mes
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_hint_run_through_the_command_line_trains_tests_and_resumes(tmp_path):
+    """A YAML run with a hint term (2-d features: linear + BN adapter): fit, test its checkpoint, resume it."""
+    config = tmp_path / "hint.yaml"
+    config.write_text(
+        "model:\n  init_args:\n    temperature: null\n    alpha: null\n    teacher_checkpoint: null\n    terms:\n"
+        "      - {class_path: kd_lightning.distillers.CrossEntropy, init_args: {weight: 0.1}}\n"
+        "      - {class_path: kd_lightning.distillers.HintonKD, init_args: {weight: 0.9, temperature: 4.0}}\n"
+        "      - class_path: kd_lightning.distillers.Hint\n"
+        "        init_args: {weight: 1.0, student_layer: net.1, teacher_layer: net.1, normalize: true}\n"
+        "trainer:\n  logger:\n    init_args: {name: digits/hint}\n  max_epochs: 1\n  limit_train_batches: 3\n"
+        "  limit_val_batches: 2\n  enable_progress_bar: false\n")
+    configs = [f"--config={ROOT / 'experiments/digits/base.yaml'}", f"--config={ROOT / 'experiments/digits/kd.yaml'}",
+               f"--config={config}"]
+    fit = _cli(tmp_path, "fit", *configs)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "logs/digits/hint/version_0"
+    ckpt = next((run_dir / "checkpoints").glob("last*.ckpt"))
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert "terms.hint.adapter.0.weight" in state and state["terms.hint.adapter.0.weight"].shape == (256, 32)
+    test = _cli(tmp_path, "test", *configs, f"--ckpt_path={ckpt}")
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/loss_hint" in test.stdout
+    resumed = _cli(tmp_path, "fit", *configs, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = torch.load(next((run_dir / "checkpoints").glob("last*.ckpt")), weights_only=True)
+    assert after["epoch"] == 1 and not torch.equal(after["state_dict"]["terms.hint.adapter.0.weight"],
+                                                   state["terms.hint.adapter.0.weight"])
