@@ -174,12 +174,17 @@ class DKD(DistillationTerm):
         return {self.name: self.warmup_factor(out.epoch) * losses["dkd"]}
 
 
-def _adapter(student: Tensor, teacher: Tensor) -> nn.Module:
-    """FitNets' regressor: 1x1 conv + BatchNorm (maps) or linear + BatchNorm (vectors) to the teacher's width."""
+def _adapter(student: Tensor, teacher: Tensor, batchnorm: bool = True) -> nn.Module:
+    """FitNets' regressor: 1x1 conv + BatchNorm (maps) or linear + BatchNorm (vectors) to the teacher's width
+    (``batchnorm=False``: the conv or linear alone, with a bias)."""
     cs, ct = student.shape[1], teacher.shape[1]
     if student.ndim == 4:
+        if not batchnorm:
+            return nn.Sequential(nn.Conv2d(cs, ct, 1))
         return nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
     if student.ndim == 2:
+        if not batchnorm:
+            return nn.Sequential(nn.Linear(cs, ct))
         return nn.Sequential(nn.Linear(cs, ct, bias=False), nn.BatchNorm1d(ct))
     raise ValueError(f"A hint adapter needs (B, C, H, W) or (B, C) features, got shape {tuple(student.shape)}.")
 
@@ -189,14 +194,15 @@ class Hint(DistillationTerm):
     ``teacher_layer`` output and the student's ``student_layer`` output through an adapter (1x1 conv + BN to the
     teacher's channels), resized to the teacher's spatial size (:func:`kd_lightning.losses.match_spatial`).
     ``normalize``: compare per-channel standardised features (:func:`kd_lightning.losses.channel_normalize`).
-    Returns ``{"hint"}``."""
+    ``batchnorm``: the adapter's BatchNorm (``False``: a biased 1x1 conv alone, e.g. for CPU DDP, which has no
+    SyncBatchNorm). Returns ``{"hint"}``."""
 
     default_name = "hint"
 
     def __init__(self, student_layer: str, teacher_layer: str, weight: float = 100.0, normalize: bool = False,
-                 name: str | None = None) -> None:
+                 batchnorm: bool = True, name: str | None = None) -> None:
         super().__init__(weight, name, [student_layer], [teacher_layer])
-        self.normalize = normalize
+        self.normalize, self.batchnorm = normalize, batchnorm
         self.adapter: nn.Module | None = None
         self.built = False
 
@@ -206,7 +212,7 @@ class Hint(DistillationTerm):
             raise ValueError(f"Hint {self.name!r}: the student's {self.student_layers[0]!r} gives {s.ndim}-d features "
                              f"{tuple(s.shape)} but the teacher's {self.teacher_layers[0]!r} gives {t.ndim}-d "
                              f"{tuple(t.shape)}; tap layers of the same kind (both maps or both vectors).")
-        self.adapter = _adapter(s, t)
+        self.adapter = _adapter(s, t, self.batchnorm)
         self.built = True
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
