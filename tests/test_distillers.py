@@ -300,3 +300,19 @@ def test_hint_run_through_the_command_line_trains_tests_and_resumes(tmp_path):
     after = torch.load(next((run_dir / "checkpoints").glob("last*.ckpt")), weights_only=True)
     assert after["epoch"] == 1 and not torch.equal(after["state_dict"]["terms.hint.adapter.0.weight"],
                                                    state["terms.hint.adapter.0.weight"])
+
+
+def test_mixup_refuses_extra_per_sample_fields():
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(batch_size=4, mixup_alpha=0.4)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0, is_last_batch=False, global_rank=0)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    mixed = dm.on_after_batch_transfer([x, y], 0)
+    assert mixed[1].shape == (4, 10)  # mixed into soft labels
+    with pytest.raises(ValueError, match="1 more per-sample field"):
+        dm.on_after_batch_transfer([x, y, torch.arange(4)], 0)
+    noisy = DigitsDataModule(batch_size=4, noise_std=0.1)  # noise pairs no rows: extra fields pass through
+    noisy.trainer = dm.trainer
+    out = noisy.on_after_batch_transfer([x, y, torch.arange(4)], 0)
+    assert torch.equal(out[2], torch.arange(4))

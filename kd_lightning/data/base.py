@@ -221,6 +221,13 @@ class ClassificationDataModule(LightningDataModule):
         if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.noise_std == 0:
             return batch
         x, y = batch[0], batch[1]
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and len(batch) > 2:
+            # MixUp/CutMix pair rows and weight them by lambda; a per-sample field left unmixed (a sample index, cached
+            # teacher logits) would silently describe another image than the mixed one.
+            raise ValueError(f"{type(self).__name__}: MixUp/CutMix (mixup_alpha={self.mixup_alpha}, cutmix_alpha="
+                             f"{self.cutmix_alpha}) mix images and targets only, but the batch has {len(batch) - 2} "
+                             "more per-sample field(s) (e.g. sample indices or cached teacher logits) that would stay "
+                             "unmixed. Turn MixUp/CutMix off for this data, or drop the extra fields.")
         # seeded by position, like everything random in training, so that a resumed run mixes the same pairs
         with seeded_rng(derive_seed(run_seed(), "batch", trainer.global_rank, epoch, self.train_progress.batches),
                         x.device):
