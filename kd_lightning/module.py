@@ -78,6 +78,15 @@ def count_outputs(model: nn.Module, input_shape: Sequence[int]) -> int:
         model.train(was_training)
 
 
+def head_width(network: nn.Module) -> int | None:
+    """The output width of ``network``'s last ``nn.Linear`` (its classifier head), or None when it has none."""
+    last = None
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            last = module
+    return None if last is None else last.out_features
+
+
 class _TrainableModule(LightningModule):
     """Optimizer and LR schedule chosen by name (YAML-friendly, flat in TensorBoard's HPARAMS), and metrics."""
 
@@ -307,7 +316,8 @@ class DistillationModule(_TrainableModule):
     Args:
         student: zoo name or ``nn.Module``.
         teacher: zoo name or ``nn.Module`` (used as given: load its weights yourself).
-        num_classes: number of classes (linked from the DataModule by the CLI).
+        num_classes: number of classes (linked from the DataModule by the CLI); when the teacher is given as an
+            ``nn.Module`` it may be left out: the width of the teacher's last linear layer.
         teacher_checkpoint: the teacher's weights: a ClassifierModule/DistillationModule .ckpt or a state_dict.
         teacher_pretrained: torchvision's ImageNet weights for the teacher (1000 classes only).
         teacher_weights: weights of the teacher's heads in the soft term, e.g. ``[1, 0.3, 0.3]`` for GoogLeNet.
@@ -328,6 +338,13 @@ class DistillationModule(_TrainableModule):
                  lr_scheduler: Literal["none", "cosine", "step", "multistep"] = "cosine", warmup_epochs: int = 0,
                  step_size: int = 30, milestones: Sequence[int] = (), gamma: float = 0.1,
                  terms: list[DistillationTerm] | None = None) -> None:
+        if num_classes is None and isinstance(teacher, nn.Module):
+            # from Python, networks given as modules: the class count is the teacher's head width
+            num_classes = head_width(teacher)
+            student_width = head_width(student) if isinstance(student, nn.Module) else None
+            if num_classes is not None and student_width is not None and student_width != num_classes:
+                raise ValueError(f"The student's head gives {student_width} class scores but the teacher's gives "
+                                 f"{num_classes}: teacher and student must agree on the class count.")
         super().__init__(num_classes, optimizer, lr, momentum, weight_decay, nesterov, lr_scheduler,
                          warmup_epochs, step_size, milestones, gamma)
         if terms is not None:

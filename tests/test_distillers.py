@@ -316,3 +316,13 @@ def test_mixup_refuses_extra_per_sample_fields():
     noisy.trainer = dm.trainer
     out = noisy.on_after_batch_transfer([x, y, torch.arange(4)], 0)
     assert torch.equal(out[2], torch.arange(4))
+
+
+def test_num_classes_from_networks_given_as_modules():
+    from kd_lightning.models import build_model
+
+    module = DistillationModule(student=build_model("digits_cnn", 7, channels=4),
+                                teacher=build_model("digits_cnn", 7, channels=8))
+    assert module.num_classes == 7
+    with pytest.raises(ValueError, match="student's head gives 5 class scores but the teacher's gives 7"):
+        DistillationModule(student=build_model("digits_cnn", 5), teacher=build_model("digits_cnn", 7))
