@@ -13,7 +13,6 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -76,6 +75,29 @@ def count_outputs(model: nn.Module, input_shape: Sequence[int]) -> int:
             return as_heads(model(x))[0].shape[-1]
     finally:
         model.train(was_training)
+
+
+def flat_hparams(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Hyperparameters as TensorBoard's HPARAMS tab takes them: nested dicts (and lists of dicts, such as
+    ``terms``) flattened to ``a/b/c`` keys, values kept when int/float/bool/str, else written as text."""
+    if hasattr(params, "as_dict"):  # a jsonargparse Namespace
+        params = params.as_dict()
+    out: dict[str, Any] = {}
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if hasattr(value, "as_dict"):
+            value = value.as_dict()
+        if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value
+                                       and all(isinstance(v, dict) or hasattr(v, "as_dict") for v in value)):
+            out.update(flat_hparams(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif isinstance(value, Tensor) and value.numel() == 1:
+            out[name] = value.item()
+        else:
+            out[name] = str(value)
+    return out
 
 
 def head_width(network: nn.Module) -> int | None:
@@ -187,8 +209,8 @@ class _TrainableModule(LightningModule):
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
                 names = [f"{stage}/{name}" for stage in ("val", "test") for name in self.metrics[stage]]
-                params = logger._sanitize_params(_flatten_dict(_convert_params(self.hparams)))
-                writer = logger.experiment._get_file_writer()
+                params = flat_hparams(dict(self.hparams))
+                writer = logger.experiment.file_writer  # SummaryWriter's event file writer (public attribute)
                 for summary in hparams_summary(params, {name: math.nan for name in names}):
                     writer.add_summary(summary)
 

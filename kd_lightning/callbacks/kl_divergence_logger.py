@@ -162,6 +162,10 @@ class KLDivergenceLogger(Callback):
         top_confusions: rows of the text table of the most frequent teacher-right/student-wrong pairs.
     """
 
+    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
+    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
+    checks_settings_at_setup = True
+
     def __init__(self, log_every_n_steps: int | None = None, log_train: bool = True, log_val: bool = True,
                  max_class_scalars: int = 20, histogram: bool = True, top_confusions: int = 10) -> None:
         super().__init__()

@@ -103,6 +103,10 @@ class ScalarScheduler(Callback):
             such as ``"terms.kd.temperature"`` or ``"terms.hint.weight"``. Checked at fit start.
     """
 
+    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
+    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
+    checks_settings_at_setup = True
+
     def __init__(self, schedule: Literal["constant", "step", "linear", "exponential", "cosine"] = "constant",
                  start: float | None = None, end: float | None = None, delta: float | None = None,
                  gamma: float | None = None, every: int = 1, duration: int | None = None,
