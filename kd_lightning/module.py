@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.distillers import DistillationTerm, StepOutputs, legacy_terms
 from kd_lightning.losses import hard_loss, kl_divergence
+from kd_lightning.metrics import DistillationStats, step_statistics
 from kd_lightning.models.loading import load_model
 from kd_lightning.seeding import derive_seed, run_seed
 
@@ -425,6 +426,10 @@ class DistillationModule(_TrainableModule):
         self._teacher_layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
         self._input_shape: tuple[int, ...] | None = None
         self._teacher_fingerprint: str | None = None
+        # student-vs-teacher statistics, computed here and rendered by KLDivergenceLogger (see track_/request_)
+        self.distillation_stats: DistillationStats | None = None
+        self.last_step_stats: Tensor | None = None
+        self._step_stats_due = False
         self.metrics = self._make_metrics(teacher=True)
 
     # -- terms ------------------------------------------------------------------------------------------------
@@ -504,6 +509,17 @@ class DistillationModule(_TrainableModule):
     def check_input_shape(self, input_shape: Sequence[int]) -> None:
         super().check_input_shape(input_shape)
         self.build_terms(input_shape)
+
+    # -- student-vs-teacher statistics: computed here, rendered by KLDivergenceLogger --------------------------
+    def track_distillation_stats(self, per_sample: bool = True) -> None:
+        """Accumulate :class:`~kd_lightning.metrics.DistillationStats` over each validation epoch (in
+        ``distillation_stats``; the reader computes and resets it at the epoch's end)."""
+        self.distillation_stats = DistillationStats(self.num_classes, per_sample=per_sample)
+
+    def request_step_statistics(self) -> None:
+        """Have the next training step store :func:`~kd_lightning.metrics.step_statistics` of its logits in
+        ``last_step_stats`` (a callback asks only on the steps it logs: the other steps pay nothing)."""
+        self._step_stats_due = True
 
     # -- the teacher stays frozen, in eval mode, and out of checkpoints --------------------------------------
     def train(self, mode: bool = True) -> "DistillationModule":
@@ -608,7 +624,11 @@ class DistillationModule(_TrainableModule):
                 self.log(f"train/{name}", value)
         if self._temperature_term() is not None:
             self.log("train/temperature", self.temperature)
-        # Logits go out with the loss so that callbacks (KLDivergenceLogger) need no second forward pass.
+        if self._step_stats_due:
+            self._step_stats_due = False
+            self.last_step_stats = step_statistics(out.student_logits.detach(), out.teacher_logits[0],
+                                                   self.temperature)
+        # the logits go out for whoever runs the step by hand; no callback depends on them
         return {"loss": losses["loss"], "student_logits": out.student_logits.detach(),
                 "teacher_logits": out.teacher_logits[0]}
 
@@ -623,6 +643,11 @@ class DistillationModule(_TrainableModule):
         metrics["teacher_acc"].update(teacher_logits, y)
         metrics["agreement"].update(student_logits, teacher_logits.argmax(-1))
         metrics["kl"].update(kl_divergence(student_logits, teacher_logits, 1.0, reduction="none"))
+        stats = self.distillation_stats
+        if stage == "val" and stats is not None and not (self._trainer is not None and self.trainer.sanity_checking):
+            if stats.device != student_logits.device:
+                stats.to(student_logits.device)
+            stats.update(student_logits.detach(), teacher_logits, y, self.temperature)
         return {"student_logits": student_logits, "teacher_logits": teacher_logits}
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
