@@ -21,6 +21,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.data.batch import as_batch
 from kd_lightning.distillers import DistillationTerm, StepOutputs, legacy_terms
 from kd_lightning.losses import hard_loss, kl_divergence
 from kd_lightning.metrics import DistillationStats, step_statistics
@@ -585,8 +586,12 @@ class DistillationModule(_TrainableModule):
             return as_heads(self.teacher(x))
 
     # -- steps ------------------------------------------------------------------------------------------------
-    def _forward_both(self, x: Tensor, y: Tensor) -> StepOutputs:
-        """One forward pass of each network; the tapped layers' outputs come from hooks in those same passes."""
+    def _forward_both(self, batch: Any) -> StepOutputs:
+        """One forward pass of each network on the batch (:mod:`kd_lightning.data.batch`); the tapped layers'
+        outputs come from hooks in those same passes. A batch with cached ``teacher_logits`` skips the teacher's
+        pass unless a term taps teacher layers."""
+        b = as_batch(batch)
+        x = b.images
         student_features: dict[str, Tensor] = {}
         teacher_features: dict[str, Tensor] = {}
         with ExitStack() as stack:
@@ -594,10 +599,13 @@ class DistillationModule(_TrainableModule):
                 stack.enter_context(capture_features(self.teacher, self._teacher_layers, teacher_features))
             if self._student_layers:
                 stack.enter_context(capture_features(self.student, self._student_layers, student_features))
-            teacher_heads = self.teacher_logits(x)
+            if b.teacher_logits is not None and not self._teacher_layers:
+                teacher_heads = [b.teacher_logits.detach()]  # offline distillation: logits read from the batch
+            else:
+                teacher_heads = self.teacher_logits(x)
             student_logits = as_heads(self.student(x))[0]  # (B, K)
-        return StepOutputs(student_logits, teacher_heads, y, student_features, teacher_features,
-                           epoch=self.current_epoch if self._trainer is not None else 0)
+        return StepOutputs(student_logits, teacher_heads, b.targets, student_features, teacher_features,
+                           epoch=self.current_epoch, index=b.index)
 
     def compute_losses(self, out: StepOutputs) -> dict[str, Tensor]:
         """``{"loss", "loss_<name>"...}``: each term's values times its weight, and their sum; without ``terms``
@@ -615,8 +623,7 @@ class DistillationModule(_TrainableModule):
         return {"loss": total, **losses}
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch[0], batch[1]  # (B, C, H, W), (B,) or (B, K) soft labels
-        out = self._forward_both(x, y)
+        out = self._forward_both(batch)  # images (B, C, H, W); targets (B,) or (B, K) soft labels
         losses = self.compute_losses(out)
         self.log("train/loss", losses["loss"], prog_bar=True)
         for name, value in losses.items():
@@ -633,8 +640,8 @@ class DistillationModule(_TrainableModule):
                 "teacher_logits": out.teacher_logits[0]}
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
-        x, y = batch[0], batch[1]
-        out = self._forward_both(x, y)
+        out = self._forward_both(batch)
+        y = out.targets
         student_logits, teacher_logits = out.student_logits, out.teacher_logits[0]
         losses = self.compute_losses(out)
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True)

@@ -117,7 +117,7 @@ def _feature_terms():
 def test_legacy_config_gives_exactly_the_old_numbers():
     module = _module(temperature=3.0, alpha=0.7)
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, -100, 4, 5])
-    out = module._forward_both(x, y)
+    out = module._forward_both((x, y))
     new = module.compute_losses(out)
     old = distillation_loss(out.student_logits, out.teacher_logits, y, 3.0, 0.7)
     assert torch.equal(new["loss"], old["loss"]) and torch.equal(new["kd"], old["kd"]) and torch.equal(new["ce"],
@@ -133,7 +133,7 @@ def test_gradients_reach_student_and_adapters_never_the_teacher():
     module.build_terms((1, 8, 8))
     assert module.terms["hint"].adapter[0].weight.shape == (16, 8, 1, 1)  # teacher's 16 channels from 8
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    losses = module.compute_losses(module._forward_both(x, y))
+    losses = module.compute_losses(module._forward_both((x, y)))
     assert set(losses) == {"loss", "loss_ce", "loss_kd", "loss_hint", "loss_at"}
     assert torch.allclose(losses["loss"], sum(v for k, v in losses.items() if k != "loss"))
     losses["loss"].backward()
@@ -310,7 +310,7 @@ def test_mixup_refuses_extra_per_sample_fields():
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     mixed = dm.on_after_batch_transfer([x, y], 0)
     assert mixed[1].shape == (4, 10)  # mixed into soft labels
-    with pytest.raises(ValueError, match="1 more per-sample field"):
+    with pytest.raises(ValueError, match=r"1 more per-sample field\(s\) \(index\)"):
         dm.on_after_batch_transfer([x, y, torch.arange(4)], 0)
     noisy = DigitsDataModule(batch_size=4, noise_std=0.1)  # noise pairs no rows: extra fields pass through
     noisy.trainer = dm.trainer
@@ -326,3 +326,37 @@ def test_num_classes_from_networks_given_as_modules():
     assert module.num_classes == 7
     with pytest.raises(ValueError, match="student's head gives 5 class scores but the teacher's gives 7"):
         DistillationModule(student=build_model("digits_cnn", 5), teacher=build_model("digits_cnn", 7))
+
+
+def test_batch_contract_index_reaches_terms_and_cached_teacher_logits_skip_the_teacher(tmp_path):
+    from kd_lightning.distillers import DistillationTerm
+
+    class Recorder(DistillationTerm):
+        """A stand-in for a memory-bank method: it sees the rows' dataset indices."""
+
+        default_name = "rec"
+
+        def __init__(self) -> None:
+            super().__init__(weight=0.0)
+            self.seen: list[list[int]] = []
+
+        def forward(self, out):
+            self.seen.append(out.index.tolist())
+            return {self.name: out.student_logits.sum() * 0}
+
+    recorder = Recorder()
+    module = _module([CrossEntropy(), recorder])
+    dm = DigitsDataModule(batch_size=16, return_index=True)
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=3).fit(module, dm)
+    assert len(recorder.seen) == 3 and all(len(rows) == 16 for rows in recorder.seen)
+    seen = [i for rows in recorder.seen for i in rows]
+    assert len(set(seen)) == len(seen) and all(0 <= i < len(dm.train_set) for i in seen)
+    # offline distillation: cached teacher logits in the batch, no teacher forward pass
+    module = _module([HintonKD(weight=1.0, temperature=2.0)])
+    calls = []
+    module.teacher.register_forward_pre_hook(lambda m, a: calls.append(1))
+    x, y, cached = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.randn(4, 10)
+    out = module._forward_both((x, y, None, cached))
+    assert not calls and out.teacher_logits[0] is not None and torch.equal(out.teacher_logits[0], cached)
+    assert module.compute_losses(out)["loss_kd"].item() == pytest.approx(
+        distillation_loss(out.student_logits, cached, y, 2.0, 1.0)["kd"].item(), rel=1e-6)
