@@ -347,7 +347,8 @@ class DistillationModule(_TrainableModule):
         teacher_weights: weights of the teacher's heads in the soft term, e.g. ``[1, 0.3, 0.3]`` for GoogLeNet.
         terms: the loss terms (``class_path``/``init_args`` in YAML, :class:`~kd_lightning.distillers.DistillationTerm`
             modules from Python), each with its own ``weight`` and a unique ``name``. ``None``: one Hinton term
-            (``temperature``, weight ``alpha``) and cross-entropy (weight ``1 - alpha``).
+            (``temperature``, weight ``alpha``) and cross-entropy (weight ``1 - alpha``). Terms given as objects
+            (from Python) are not saved as hyperparameters: pass them again to ``load_from_checkpoint``.
         temperature: Hinton KD's temperature when ``terms`` is not given (default 4).
         alpha: the soft term's weight when ``terms`` is not given (default 0.9).
     """
