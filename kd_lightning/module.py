@@ -151,12 +151,16 @@ class _TrainableModule(LightningModule):
             if math.isinf(self.trainer.estimated_stepping_batches):
                 raise ValueError("lr_scheduler 'cosine' needs a finite run: set trainer.max_epochs or max_steps.")
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            if self.trainer.train_dataloader is None:  # max_steps runs: Lightning has not loaded it yet
-                self.trainer.fit_loop.setup_data()
-            batches = self.trainer.num_training_batches
-            steps_per_epoch = total if math.isinf(batches) else max(
-                1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-            warmup = min(hp.warmup_epochs * steps_per_epoch, total - 1)
+            warmup = 0
+            if hp.warmup_epochs > 0:  # the epoch length is needed only to measure the warm-up in epochs
+                if self.trainer.train_dataloader is None:
+                    # Only in max_epochs=-1 runs (estimated_stepping_batches loads the loader in all others), and
+                    # Lightning has no public call to load it early: its fit loop's setup_data, in this one place.
+                    self.trainer.fit_loop.setup_data()
+                batches = self.trainer.num_training_batches
+                steps_per_epoch = total if math.isinf(batches) else max(
+                    1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+                warmup = min(hp.warmup_epochs * steps_per_epoch, total - 1)
             cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup)
             sched = cosine if warmup == 0 else torch.optim.lr_scheduler.SequentialLR(
                 opt, [torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, warmup), cosine], [warmup])
