@@ -115,9 +115,9 @@ class KDLightningCLI(LightningCLI):
         input_shape = getattr(self.datamodule, "input_shape", None)
         if input_shape is not None and hasattr(self.model, "check_input_shape"):
             self.model.check_input_shape(input_shape)
-        if self.subcommand == "fit":  # kd_lightning callbacks check their settings against the model in setup
+        if self.subcommand == "fit":  # callbacks that check their settings against the model in setup
             for callback in self.trainer.callbacks:
-                if type(callback).__module__.startswith("kd_lightning."):
+                if getattr(callback, "checks_settings_at_setup", False):
                     callback.setup(self.trainer, self.model, "fit")
         if self._resume_from is not None:
             check_checkpoint_fits(self._resume_from, self.model, self.config[self.subcommand]["ckpt_path"])

@@ -137,3 +137,144 @@ def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, C)
     # clamp: a class masked with -inf logits has p = 0 and log p = -inf; 0 * (finite) keeps the sum finite
     return -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(-1)  # (B,)
+
+
+# -- feature and logit methods beyond Hinton KD ---------------------------------------------------------------
+# Each is a plain function of tensors; kd_lightning.distillers wraps each in a term module that YAML can name.
+
+
+def _targets_as_labels(targets: Tensor, num_classes: int, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """``(labels, labelled)``, both ``(B,)``: class indices (0 where unlabelled) and a boolean mask.
+
+    ``targets`` are class indices ``(B,)`` (``ignore_index`` = unlabelled) or soft labels ``(B, C)`` (the argmax
+    is the label, an all-zero row is unlabelled).
+    """
+    if targets.ndim == 2:
+        return targets.argmax(-1), targets.sum(-1) > 0
+    labelled = (targets != ignore_index) & (targets >= 0) & (targets < num_classes)
+    return torch.where(labelled, targets, torch.zeros_like(targets)).long(), labelled
+
+
+def channel_normalize(features: Tensor, eps: float = 1e-5) -> Tensor:
+    r"""Per-channel standardisation of a feature map, before comparing two networks' features.
+
+    .. math:: \hat f_{b,c,\dots} = (f_{b,c,\dots} - \mu_c) / \sqrt{\sigma_c^2 + \epsilon}
+
+    with :math:`\mu_c`, :math:`\sigma^2_c` the mean and (biased) variance of channel :math:`c` over the batch and
+    all spatial positions (BatchNorm's statistics without its affine part). ``features``: ``(B, C)`` or
+    ``(B, C, H, W)``; computed in float32.
+    """
+    f = features.float()
+    dims = [d for d in range(f.ndim) if d != 1]
+    mean = f.mean(dim=dims, keepdim=True)
+    var = f.var(dim=dims, unbiased=False, keepdim=True)
+    return (f - mean) / torch.sqrt(var + eps)
+
+
+def match_spatial(features: Tensor, size: Sequence[int]) -> Tensor:
+    """``(B, C, H, W)`` features resized to ``size`` = (H', W'): adaptive average pooling when shrinking,
+    bilinear interpolation when growing, unchanged when equal. ``(B, C)`` features are returned as they are."""
+    if features.ndim != 4 or tuple(features.shape[-2:]) == tuple(size):
+        return features
+    if features.shape[-2] >= size[0] and features.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(features, tuple(size))
+    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def hint_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    r"""FitNets hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015).
+
+    .. math:: \mathcal{L}_{hint} = \frac{1}{N} \sum \big(r(f_s) - f_t\big)^2
+
+    the mean squared error over every element (batch, channels, positions) between the teacher's hint layer
+    :math:`f_t` and the student's guided layer after its regressor :math:`r` (an adapter to the teacher's shape,
+    applied by the caller: :class:`kd_lightning.distillers.HintTerm` uses a 1x1 conv + BatchNorm). Both tensors
+    must have the same shape; float32.
+    """
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(f"hint_loss needs equal shapes, got student {tuple(student_features.shape)} and teacher "
+                         f"{tuple(teacher_features.shape)}: adapt the student's features first.")
+    return F.mse_loss(student_features.float(), teacher_features.float())
+
+
+def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+    r"""Spatial attention map of Zagoruyko & Komodakis (2017): :math:`Q = \mathrm{vec}(\frac{1}{C}\sum_c |A_c|^p)`,
+    L2-normalised per row. ``features`` ``(B, C, H, W)`` -> ``(B, H*W)``; ``(B, C)`` -> ``(B, C)`` (each unit its
+    own "position"); float32."""
+    f = features.float()
+    if f.ndim == 4:
+        q = f.abs().pow(p).mean(1).flatten(1)  # (B, H*W)
+    elif f.ndim == 2:
+        q = f.abs().pow(p)  # (B, C)
+    else:
+        raise ValueError(f"attention_map needs (B, C, H, W) or (B, C) features, got shape {tuple(f.shape)}.")
+    return F.normalize(q, p=2, dim=1)
+
+
+def attention_transfer_loss(student_features: Tensor, teacher_features: Tensor, p: float = 2.0) -> Tensor:
+    r"""Attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017).
+
+    .. math::
+        Q = \frac{\mathrm{vec}(\frac{1}{C}\sum_c |A_c|^p)}{\|\mathrm{vec}(\frac{1}{C}\sum_c |A_c|^p)\|_2},
+        \qquad \mathcal{L}_{AT} = \frac{1}{B\,HW} \sum_b \sum_j (Q_{s,bj} - Q_{t,bj})^2
+
+    with :math:`p = 2` (the paper's choice), i.e. the squared difference of the L2-normalised maps of mean squared
+    activations, averaged over rows and positions (the authors' code; the paper's beta = 1000 is the term's
+    weight). Channel counts may differ; when the spatial sizes differ, the larger map is average-pooled to the
+    smaller size before normalising.
+    """
+    s, t = student_features, teacher_features
+    if s.ndim == 4 and t.ndim == 4 and s.shape[-2:] != t.shape[-2:]:
+        size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+        s, t = match_spatial(s.float(), size), match_spatial(t.float(), size)
+    qs, qt = attention_map(s, p), attention_map(t, p)
+    if qs.shape != qt.shape:
+        raise ValueError(f"attention_transfer_loss: attention maps of shapes {tuple(qs.shape)} and "
+                         f"{tuple(qt.shape)} cannot be compared.")
+    return (qs - qt).pow(2).mean()
+
+
+def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float = 1.0,
+             beta: float = 8.0, temperature: float = 4.0, ignore_index: int = -100) -> dict[str, Tensor]:
+    r"""Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+
+    With :math:`p = \sigma(z/T)`, the target class :math:`y`, :math:`b = [p_y, 1 - p_y]` (binary target vs rest)
+    and :math:`\hat p = \sigma(z_{\setminus y}/T)` (the distribution over the non-target classes):
+
+    .. math::
+        \mathrm{TCKD} = T^2\,\mathrm{KL}(b_t \| b_s), \qquad
+        \mathrm{NCKD} = T^2\,\mathrm{KL}(\hat p_t \| \hat p_s), \qquad
+        \mathrm{DKD} = \alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD}
+
+    each KL summed over classes and averaged over the labelled rows (unlabelled rows have no target class and
+    are left out; 0 when no row is labelled). Float32. The paper's linear warm-up of the loss weight is applied
+    by :class:`kd_lightning.distillers.DKDTerm`.
+
+    Returns:
+        ``{"dkd", "tckd", "nckd"}`` with ``dkd = alpha * tckd + beta * nckd``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature  # (B, C)
+    labels, labelled = _targets_as_labels(targets, s.shape[-1], ignore_index)
+    target_mask = F.one_hot(labels, s.shape[-1]).bool()  # (B, C)
+    rows = labelled.float()  # (B,)
+    n = rows.sum().clamp(min=1)
+    # target vs rest: log of [p_y, 1 - p_y] from logsumexp, numerically stable
+    def binary_log(z: Tensor) -> Tensor:
+        log_all = torch.logsumexp(z, dim=-1)  # (B,)
+        log_target = z.masked_fill(~target_mask, float("-inf")).logsumexp(-1)
+        log_rest = z.masked_fill(target_mask, float("-inf")).logsumexp(-1)
+        return torch.stack([log_target - log_all, log_rest - log_all], dim=-1)  # (B, 2)
+
+    b_s, b_t = binary_log(s), binary_log(t)
+    tckd = (F.kl_div(b_s, b_t, reduction="none", log_target=True).sum(-1) * rows).sum() / n
+    # non-target classes: softmax with the target class removed (its logit pushed to -inf-like)
+    neg = torch.finfo(s.dtype).min / 4
+    log_hat_s = F.log_softmax(s.masked_fill(target_mask, neg), dim=-1)
+    log_hat_t = F.log_softmax(t.masked_fill(target_mask, neg), dim=-1)
+    kl_rows = F.kl_div(log_hat_s, log_hat_t, reduction="none", log_target=True)  # (B, C)
+    nckd = (kl_rows.masked_fill(target_mask, 0.0).sum(-1) * rows).sum() / n
+    t2 = temperature * temperature
+    tckd, nckd = t2 * tckd, t2 * nckd
+    return {"dkd": alpha * tckd + beta * nckd, "tckd": tckd, "nckd": nckd}

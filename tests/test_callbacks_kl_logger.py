@@ -158,14 +158,36 @@ class _SpiedLogger(KLDivergenceLogger):
         self.val_ops.append(spy.ops)
 
 
-def test_quiet_steps_do_no_tensor_work_and_validation_batches_no_sync(tmp_path):
+def test_quiet_steps_do_no_tensor_work_and_validation_batches_no_sync(tmp_path, monkeypatch):
+    update_ops: list[list[str]] = []
+    original_update = DistillationStats.update
+
+    def spied_update(self, *args, **kwargs):
+        with _OpSpy() as spy:
+            original_update(self, *args, **kwargs)
+        update_ops.append(spy.ops)
+
+    monkeypatch.setattr(DistillationStats, "update", spied_update)
     spied = _SpiedLogger(log_every_n_steps=4)
     logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
-    _trainer(tmp_path, [spied], max_epochs=1, logger=logger).fit(_model(), DigitsDataModule())
+    model = _model()
+    steps_with_stats = []
+    original_step = type(model).training_step
+
+    def training_step(self, batch, batch_idx):
+        out = original_step(self, batch, batch_idx)
+        steps_with_stats.append(self.last_step_stats is not None)
+        return out
+
+    monkeypatch.setattr(type(model), "training_step", training_step)
+    _trainer(tmp_path, [spied], max_epochs=1, logger=logger).fit(model, DigitsDataModule())
     assert [bool(ops) for ops in spied.train_ops] == [False, False, False, True]  # only step 3 logs
     assert "tolist" in spied.train_ops[3]  # the one transfer of a logged step (the spy does see it)
-    assert len(spied.val_ops) == 2 and all(ops for ops in spied.val_ops)
-    assert not {op for ops in spied.val_ops for op in ops} & _SYNC_OPS
+    assert steps_with_stats == [False, False, False, True]  # the module computes them only when asked
+    # validation: the module owns and updates the statistics (on-device sums, no sync); the callback only renders
+    assert len(spied.val_ops) == 2 and not any(spied.val_ops)
+    assert len(update_ops) == 2 and all(update_ops)
+    assert not {op for ops in update_ops for op in ops} & _SYNC_OPS
 
 
 def test_needs_a_distillation_module(tmp_path):

@@ -295,20 +295,20 @@ def test_cifar_torchvision_mode_split(tmp_path, monkeypatch):
     assert dm.train_set[0][0].shape == (3, 32, 32)
 
 
-def test_flowers102_mode_uses_the_official_split(tmp_path, monkeypatch):
-    import torchvision.datasets
+def test_flowers102_mode_uses_the_official_split(tmp_path):
+    import numpy as np
+    from scipy.io import savemat
 
-    paths = write_images(tmp_path / "flowers-102" / "jpg", 6, size=40)
+    from kd_lightning.data.flowers import flowers102_split
 
-    class FakeFlowers102:
-        classes = [f"flower {k}" for k in range(102)]
-
-        def __init__(self, root, split="train", download=False):
-            part = {"train": [0, 1], "val": [2, 3], "test": [4, 5]}[split]
-            self._image_files = [paths[i] for i in part]
-            self._labels = [i % 2 for i in part]
-
-    monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
+    base = tmp_path / "flowers-102"
+    for i, path in enumerate(write_images(base / "jpg", 6, size=40), start=1):  # the dataset's own file names
+        path.rename(base / "jpg" / f"image_{i:05d}.jpg")
+    savemat(base / "imagelabels.mat", {"labels": np.array([[5, 7, 5, 102, 1, 7]])})  # 1-based class per image id
+    savemat(base / "setid.mat", {"trnid": np.array([[2, 1]]), "valid": np.array([[3, 4]]), "tstid": np.array([[6, 5]])})
+    train = flowers102_split(base, "train")
+    assert [Path(p).name for p in train.items] == ["image_00002.jpg", "image_00001.jpg"] and train.labels == [6, 4]
+    assert flowers102_split(base, "val").labels == [4, 101] and flowers102_split(base, "test").labels == [6, 0]
     dm = FlowersDataModule(str(tmp_path), dataset="flowers102", image_size=32)
     assert dm.num_classes == 102
     dm.setup()

@@ -49,7 +49,7 @@ def _write_images(folder: Path, n: int, size: int, seed: int) -> None:
         Image.fromarray(pixels).save(folder / f"{i}.jpg")
 
 
-def tiny_data_args(data_class_path: str, tmp_path: Path) -> list[str]:
+def tiny_data_args(data_class_path: str, tmp_path: Path, init_args: dict | None = None) -> list[str]:
     """CLI overrides that point a config's DataModule at tiny generated data (nothing is downloaded)."""
     loader = ["--data.init_args.num_workers=0", "--data.init_args.persistent_workers=false"]
     name = data_class_path.rsplit(".", 1)[-1]
@@ -63,9 +63,10 @@ def tiny_data_args(data_class_path: str, tmp_path: Path) -> list[str]:
                 "--data.init_args.download=false", "--data.init_args.batch_size=4", *loader]
     if name == "CIFARDataModule":
         root = tmp_path / "cifar"
-        for k in range(10):
-            _write_images(root / "train" / f"c{k}", 6, 32, seed=k)
-            _write_images(root / "test" / f"c{k}", 2, 32, seed=100 + k)
+        classes, per_class = (100, 5) if (init_args or {}).get("dataset") == "cifar100" else (10, 6)
+        for k in range(classes):
+            _write_images(root / "train" / f"c{k:03d}", per_class, 32, seed=k)
+            _write_images(root / "test" / f"c{k:03d}", 2, 32, seed=1000 + k)
         return [f"--data.init_args.root={root}", "--data.init_args.source=folder",
                 "--data.init_args.download=false", "--data.init_args.batch_size=4",
                 "--data.init_args.val_fraction=0.2", *loader]
@@ -87,7 +88,8 @@ def _fast_dev_run(configs: list[Path], tmp_path: Path, monkeypatch) -> None:
         merged = _merge(merged, yaml.safe_load(config.read_text()) or {})
     args = ["fit", *[f"--config={c}" for c in configs], "--trainer.fast_dev_run=true",
             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
-            "--trainer.enable_progress_bar=false", *tiny_data_args(merged["data"]["class_path"], tmp_path)]
+            "--trainer.enable_progress_bar=false", *tiny_data_args(merged["data"]["class_path"], tmp_path,
+                                                                 merged["data"].get("init_args"))]
     model = merged.get("model") or {}
     if "DistillationModule" in model.get("class_path", ""):
         args.append("--model.init_args.teacher_checkpoint=null")  # a random-weight teacher

@@ -1,6 +1,7 @@
 """Callbacks to drop into any experiment config (``trainer.callbacks`` in YAML):
 
-- :class:`TemperatureScheduler`: schedule the temperature, ``alpha`` or a feature-loss weight.
+- :class:`ScalarScheduler` (alias :class:`TemperatureScheduler`, default ``temperature``): schedule any float,
+  e.g. the temperature, ``alpha`` or a term's weight (``terms.hint.weight``).
 - :class:`ProgressiveUnfreezing`: unfreeze the student's stages one by one, correctly under DDP.
 - :class:`KLDivergenceLogger`: KL(teacher || student), entropies and agreement in TensorBoard.
 - :class:`LastCheckpoint`: ``last.ckpt`` is always the latest state; a checkpoint and exit status on preemption
@@ -10,6 +11,6 @@
 from kd_lightning.callbacks.kl_divergence_logger import KLDivergenceLogger
 from kd_lightning.callbacks.last_checkpoint import LastCheckpoint
 from kd_lightning.callbacks.progressive_unfreezing import ProgressiveUnfreezing
-from kd_lightning.callbacks.temperature_scheduler import TemperatureScheduler
+from kd_lightning.callbacks.temperature_scheduler import ScalarScheduler, TemperatureScheduler
 
-__all__ = ["KLDivergenceLogger", "LastCheckpoint", "ProgressiveUnfreezing", "TemperatureScheduler"]
+__all__ = ["KLDivergenceLogger", "LastCheckpoint", "ProgressiveUnfreezing", "ScalarScheduler", "TemperatureScheduler"]

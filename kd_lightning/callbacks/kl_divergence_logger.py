@@ -31,16 +31,17 @@ Every validation epoch, over the whole validation set (torchmetrics states, summ
   is right and the student wrong -- which classes the student has not learned from its teacher (image up to
   100 classes; rows: true class, columns: the student's prediction, white 0 to red max).
 
-Cost: the logits come from the step outputs of :class:`~kd_lightning.module.DistillationModule` (no extra
-forward pass). On a training step that logs nothing, the callback does integer arithmetic only: no tensor
-work, no host-device synchronisation. Validation batches update on-device sums (no boolean indexing, no
-``.item()``); the single reduction and transfer happen at the end of the epoch.
+One owner: :class:`~kd_lightning.module.DistillationModule` computes every statistic (from the logits of its own
+forward passes: no extra pass) and owns the validation metric (:class:`~kd_lightning.metrics.DistillationStats`);
+this callback only decides when to log and renders. On a training step that logs nothing, nothing is computed
+(the callback asks the module for the step's statistics only on the steps it logs); validation batches update
+on-device sums (no boolean indexing, no ``.item()``); the single reduction and transfer happen at the end of
+the epoch.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,97 +49,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
-from kd_lightning.losses import entropy, kl_divergence
+from kd_lightning.metrics import STEP_TAGS, DistillationStats, hard_labels  # noqa: F401 - importable from here too
 
 IGNORE_INDEX = -100
 _MAX_IMAGE_CLASSES = 100
-STEP_TAGS = ("kl_T", "kl_T1", "entropy_teacher", "entropy_student", "agreement")
-
-
-def hard_labels(targets: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """``(labels, labelled)``, both ``(B,)``: class indices (0 where unlabelled) and a 0/1 float mask.
-
-    ``targets``: class indices ``(B,)`` with -100 for unlabelled rows, or soft labels ``(B, K)`` (MixUp/CutMix:
-    the argmax is the label, an all-zero row is unlabelled).
-    """
-    if targets.ndim == 2:
-        return targets.argmax(-1), (targets.sum(-1) > 0).float()
-    labelled = (targets >= 0) & (targets < num_classes)
-    return targets.clamp(0, num_classes - 1).long(), labelled.float()
-
-
-class DistillationStats(Metric):
-    r"""Validation-set statistics of a (student, teacher) pair, as sums: reduced across DDP ranks by summing.
-
-    ``update(student_logits (B, K), teacher_logits (B, K), targets (B,) or (B, K), temperature)`` touches
-    device tensors only (``index_add_`` with 0/1 weights instead of boolean indexing): no host sync.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, per_sample: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.per_sample = per_sample
-        for name in ("rows", "kl_T", "kl_T1", "entropy_teacher", "entropy_student", "agreement", "labelled",
-                     "teacher_right_student_wrong", "student_right_teacher_wrong"):
-            self.add_state(name, torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("class_kl", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,) sum of KL_1 per class
-        self.add_state("class_rows", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,)
-        # (K, K): [true class, student prediction], rows where the teacher is right and the student wrong
-        self.add_state("error_confusion", torch.zeros(num_classes, num_classes), dist_reduce_fx="sum")
-        if per_sample:
-            self.add_state("per_sample_kl", [], dist_reduce_fx="cat")  # list of (B,)
-
-    def update(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,  # type: ignore[override]
-               temperature: float) -> None:
-        k = self.num_classes
-        kl_t = kl_divergence(student_logits, teacher_logits, temperature, reduction="none")  # (B,)
-        kl_1 = kl_divergence(student_logits, teacher_logits, 1.0, reduction="none")  # (B,)
-        student_pred = student_logits.argmax(-1)  # (B,)
-        teacher_pred = teacher_logits.argmax(-1)  # (B,)
-        labels, labelled = hard_labels(targets.to(student_pred.device), k)  # (B,), (B,)
-        student_right = (student_pred == labels).float()  # (B,)
-        teacher_right = (teacher_pred == labels).float()  # (B,)
-        self.rows += kl_1.numel()
-        self.kl_T += kl_t.sum()
-        self.kl_T1 += kl_1.sum()
-        self.entropy_teacher += entropy(teacher_logits).sum()
-        self.entropy_student += entropy(student_logits).sum()
-        self.agreement += (student_pred == teacher_pred).float().sum()
-        self.labelled += labelled.sum()
-        t_not_s = teacher_right * (1.0 - student_right) * labelled  # (B,) 0/1
-        self.teacher_right_student_wrong += t_not_s.sum()
-        self.student_right_teacher_wrong += (student_right * (1.0 - teacher_right) * labelled).sum()
-        self.class_kl.index_add_(0, labels, kl_1 * labelled)
-        self.class_rows.index_add_(0, labels, labelled)
-        self.error_confusion.view(-1).index_add_(0, labels * k + student_pred, t_not_s)
-        if self.per_sample:
-            self.per_sample_kl.append(kl_1)
-
-    def compute(self) -> dict[str, Tensor]:
-        rows = self.rows.clamp(min=1)
-        labelled = self.labelled.clamp(min=1)
-        out = {
-            "kl_T": self.kl_T / rows, "kl_T1": self.kl_T1 / rows,
-            "entropy_teacher": self.entropy_teacher / rows, "entropy_student": self.entropy_student / rows,
-            "agreement": self.agreement / rows,
-            "teacher_right_student_wrong": self.teacher_right_student_wrong / labelled,
-            "student_right_teacher_wrong": self.student_right_teacher_wrong / labelled,
-            "class_kl_T1": self.class_kl / self.class_rows.clamp(min=1),  # (K,)
-            "class_rows": self.class_rows,  # (K,)
-            "error_confusion": self.error_confusion,  # (K, K)
-            "rows": self.rows,
-        }
-        if self.per_sample:  # a list of (B,) tensors, or one (N,) tensor after the DDP gather
-            values = self.per_sample_kl
-            empty = isinstance(values, list) and not values
-            out["per_sample_kl_T1"] = self.rows.new_zeros(0) if empty else dim_zero_cat(values)  # (N,)
-        return out
 
 
 def _tag_safe(name: str) -> str:
@@ -148,8 +64,8 @@ def _tag_safe(name: str) -> str:
 class KLDivergenceLogger(Callback):
     r"""Logs student-vs-teacher divergence, entropies and agreement (see the module docstring for the tags).
 
-    Needs a module whose training/validation steps return ``{"student_logits", "teacher_logits"}`` and that
-    has a ``temperature`` (:class:`~kd_lightning.module.DistillationModule`).
+    Needs a module that computes the statistics (``track_distillation_stats``, ``request_step_statistics``,
+    ``temperature``: :class:`~kd_lightning.module.DistillationModule`).
 
     Args:
         log_every_n_steps: training-step statistics every this many optimizer steps, on the same step axis
@@ -161,6 +77,10 @@ class KLDivergenceLogger(Callback):
         histogram: log the per-sample KL histogram (keeps one float per validation row until epoch end).
         top_confusions: rows of the text table of the most frequent teacher-right/student-wrong pairs.
     """
+
+    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
+    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
+    checks_settings_at_setup = True
 
     def __init__(self, log_every_n_steps: int | None = None, log_train: bool = True, log_val: bool = True,
                  max_class_scalars: int = 20, histogram: bool = True, top_confusions: int = 10) -> None:
@@ -178,7 +98,6 @@ class KLDivergenceLogger(Callback):
         self.histogram = histogram
         self.top_confusions = top_confusions
         self._last_logged_step = -1
-        self._stats: DistillationStats | None = None
         self._class_names: list[str] = []
         self.last_val_stats: dict[str, Tensor] = {}  # the latest validation epoch's results (reduced), on CPU
 
@@ -195,23 +114,15 @@ class KLDivergenceLogger(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         num_classes = getattr(pl_module, "num_classes", None)
-        if not hasattr(pl_module, "temperature") or not isinstance(num_classes, int):
+        if not hasattr(pl_module, "track_distillation_stats") or not isinstance(num_classes, int):
             raise ValueError(f"KLDivergenceLogger needs a distillation module (with `temperature` and "
                              f"`num_classes`, returning student and teacher logits from its steps, such as "
                              f"kd_lightning.DistillationModule); got {type(pl_module).__name__}.")
         names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
         names = [str(n) for n in names] if names is not None and len(names) == num_classes else []
         self._class_names = names or [str(i) for i in range(num_classes)]
-        self._stats = DistillationStats(num_classes, per_sample=self.histogram)
-
-    @staticmethod
-    def _logits(outputs: Any, pl_module: "pl.LightningModule") -> tuple[Tensor, Tensor]:
-        if not isinstance(outputs, Mapping) or "student_logits" not in outputs or "teacher_logits" not in outputs:
-            raise TypeError("KLDivergenceLogger reads `student_logits` and `teacher_logits` from the step outputs "
-                            f"(as DistillationModule returns them), but {type(pl_module).__name__} returned "
-                            f"{type(outputs).__name__}"
-                            + (f" with keys {sorted(outputs)}." if isinstance(outputs, Mapping) else "."))
-        return outputs["student_logits"].detach(), outputs["teacher_logits"].detach()  # (B, K), (B, K)
+        if self.log_val:
+            pl_module.track_distillation_stats(per_sample=self.histogram)
 
     @staticmethod
     def _step(trainer: "pl.Trainer") -> int:
@@ -219,27 +130,32 @@ class KLDivergenceLogger(Callback):
         return trainer.fit_loop.epoch_loop._batches_that_stepped
 
     # -- training steps ---------------------------------------------------------------------------------------
+    def _due(self, trainer: "pl.Trainer") -> bool:
+        # Python ints only: a step that logs nothing costs no tensor op and no host sync. The decision depends on
+        # the step counter only, so it is the same on every rank (the reduce in on_train_batch_end is safe).
+        if not self.log_train or not trainer.loggers:
+            return False
+        step = self._step(trainer)  # the same value at batch start and end (it moves after on_train_batch_end)
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        return every >= 1 and (step + 1) % every == 0 and step > self._last_logged_step
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self._due(trainer):
+            pl_module.request_step_statistics()  # the module computes them in this step's training_step
+
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not self.log_train or not trainer.loggers:
+        if not self._due(trainer):
             return
         step = self._step(trainer)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        # Python ints only up to here: a step that logs nothing costs no tensor op and no host sync. The
-        # decision depends on the step counter only, so it is the same on every rank (the reduce below is safe).
-        if every < 1 or (step + 1) % every != 0 or step <= self._last_logged_step:
-            return
         self._last_logged_step = step
-        student, teacher = self._logits(outputs, pl_module)
-        temperature = float(pl_module.temperature)
-        stats = torch.stack([
-            kl_divergence(student, teacher, temperature),  # batchmean: sum over classes, mean over rows
-            kl_divergence(student, teacher, 1.0),
-            entropy(teacher).mean(),
-            entropy(student).mean(),
-            (student.argmax(-1) == teacher.argmax(-1)).float().mean(),
-        ])  # (5,)
+        stats = pl_module.last_step_stats  # (5,), in the order of STEP_TAGS
+        if stats is None:
+            return
+        pl_module.last_step_stats = None
         stats = trainer.strategy.reduce(stats, reduce_op="mean")  # average over DDP ranks
         if trainer.is_global_zero:
             metrics = {f"kl_train/{name}": value for name, value in zip(STEP_TAGS, stats.tolist())}
@@ -248,21 +164,12 @@ class KLDivergenceLogger(Callback):
 
     # -- validation ---------------------------------------------------------------------------------------
     @override
-    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self.log_val or trainer.sanity_checking or self._stats is None:
-            return
-        student, teacher = self._logits(outputs, pl_module)
-        if self._stats.device != student.device:
-            self._stats.to(student.device)
-        self._stats.update(student, teacher, batch[1], float(pl_module.temperature))
-
-    @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._stats is None or not self._stats.update_called:
+        stats = getattr(pl_module, "distillation_stats", None) if self.log_val else None
+        if stats is None or not stats.update_called:
             return
-        results = self._stats.compute()  # a collective under DDP: every rank gets the global sums
-        self._stats.reset()
+        results = stats.compute()  # a collective under DDP: every rank gets the global sums
+        stats.reset()
         names = self._class_names
         scalars = {f"kl_val/{name}": results[name] for name in STEP_TAGS + (
             "teacher_right_student_wrong", "student_right_teacher_wrong")}

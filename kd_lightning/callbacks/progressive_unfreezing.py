@@ -84,6 +84,10 @@ class ProgressiveUnfreezing(Callback):
         verbose: log each unfreezing (rank 0).
     """
 
+    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
+    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
+    checks_settings_at_setup = True
+
     def __init__(self, unfreeze_at: dict[str, int], verbose: bool = True) -> None:
         super().__init__()
         if not isinstance(unfreeze_at, dict) or not unfreeze_at:

@@ -1,9 +1,12 @@
 r"""
-TemperatureScheduler
-^^^^^^^^^^^^^^^^^^^^
+ScalarScheduler (alias TemperatureScheduler)
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 
-Changes a float hyper-parameter of the LightningModule during training: the distillation temperature by
-default, or ``alpha`` / a feature-loss weight through ``attribute``.
+Schedules any float attribute of the LightningModule during training, named by a dotted path: the distillation
+temperature (``TemperatureScheduler``'s default), ``alpha``, or any term's float such as
+``terms.kd.temperature``, ``terms.hint.weight`` or ``terms.dkd.beta`` (see :mod:`kd_lightning.distillers`).
+``TemperatureScheduler`` is the same callback with ``attribute="temperature"`` as its default (and the name
+older configs and checkpoints use).
 
 With :math:`t` the epoch (``interval="epoch"``, from 0) or the optimizer step (``interval="step"``), the
 start value :math:`v_0`, the end value :math:`v_1` and the duration :math:`D` (in units of :math:`t`):
@@ -27,8 +30,10 @@ Recipes::
     TemperatureScheduler(schedule="linear", start=4.0, delta=-0.02, min_value=2.0)
     # T from 8 down to 2 over the run, on a cosine, updated every optimizer step
     TemperatureScheduler(schedule="cosine", start=8.0, end=2.0, interval="step")
-    # DKD's warm-up: the distillation weight ramps linearly from 0 to 0.9 over 20 epochs, then stays
+    # a distillation weight ramping linearly from 0 to 0.9 over 20 epochs, then staying
     TemperatureScheduler(attribute="alpha", schedule="linear", start=0.0, end=0.9, duration=20)
+    # the hint term's weight from 100 down to 10 over the run
+    ScalarScheduler(attribute="terms.hint.weight", schedule="cosine", start=100.0, end=10.0)
 
 The value is a pure function of the epoch or step, so it is the same on every DDP rank without
 communication, and a resumed run (which restores the epoch and step) continues on the same curve; the
@@ -70,8 +75,8 @@ def _set_attr(obj: Any, path: str, value: float) -> None:
     setattr(obj, name, value)
 
 
-class TemperatureScheduler(Callback):
-    r"""Schedules ``pl_module.<attribute>`` (default ``temperature``) per epoch or per optimizer step.
+class ScalarScheduler(Callback):
+    r"""Schedules the float ``pl_module.<attribute>`` (a dotted path) per epoch or per optimizer step.
 
     See the module docstring for the formulas. The value is applied before every training epoch
     (``interval="epoch"``) or batch (``interval="step"``) and before the sanity-check validation, so
@@ -95,8 +100,12 @@ class TemperatureScheduler(Callback):
         min_value: floor of the value (``None``: none). ``temperature`` must stay > 0 and ``alpha`` in [0, 1].
         max_value: ceiling of the value (``None``: none).
         attribute: the module attribute to schedule, e.g. ``"temperature"``, ``"alpha"``, or a dotted path
-            such as ``"criterion.beta"``. Checked at fit start.
+            such as ``"terms.kd.temperature"`` or ``"terms.hint.weight"``. Checked at fit start.
     """
+
+    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
+    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
+    checks_settings_at_setup = True
 
     def __init__(self, schedule: Literal["constant", "step", "linear", "exponential", "cosine"] = "constant",
                  start: float | None = None, end: float | None = None, delta: float | None = None,
@@ -195,8 +204,11 @@ class TemperatureScheduler(Callback):
     def _check_value_range(self, value: float | None, what: str) -> None:
         if value is None:
             return
-        if self.attribute == "temperature" and value <= 0:
+        last = self.attribute.rsplit(".", 1)[-1]
+        if last == "temperature" and value <= 0:
             raise ValueError(f"The temperature must stay > 0, but {what} is {value}. Set min_value > 0.")
+        if last == "weight" and value < 0:
+            raise ValueError(f"A term's weight must stay >= 0, but {what} is {value}. Set min_value >= 0.")
         if self.attribute == "alpha" and not 0.0 <= value <= 1.0:
             raise ValueError(f"alpha must stay in [0, 1], but {what} is {value}. Set min_value/max_value.")
 
@@ -210,7 +222,9 @@ class TemperatureScheduler(Callback):
         except AttributeError:
             names = sorted(k for k, v in vars(pl_module).items()
                            if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool))
-            raise ValueError(f"TemperatureScheduler: {type(pl_module).__name__} has no attribute "
+            if hasattr(pl_module, "schedulable_floats"):
+                names = sorted(set(names) | set(pl_module.schedulable_floats()))
+            raise ValueError(f"{type(self).__name__}: {type(pl_module).__name__} has no attribute "
                              f"{self.attribute!r} to schedule. Its float attributes are: "
                              f"{', '.join(names) or 'none'}.") from None
         if isinstance(current, bool) or not isinstance(current, (int, float)):
@@ -279,3 +293,16 @@ class TemperatureScheduler(Callback):
         self._start = state_dict["start"]
         self._duration = state_dict["duration"]
         self.value = state_dict.get("value")
+
+
+class TemperatureScheduler(ScalarScheduler):
+    """:class:`ScalarScheduler` with ``attribute="temperature"`` by default: the distillation temperature (the
+    first term that has one). Any float can still be scheduled through ``attribute``."""
+
+    def __init__(self, schedule: Literal["constant", "step", "linear", "exponential", "cosine"] = "constant",
+                 start: float | None = None, end: float | None = None, delta: float | None = None,
+                 gamma: float | None = None, every: int = 1, duration: int | None = None,
+                 interval: Literal["epoch", "step"] = "epoch", min_value: float | None = None,
+                 max_value: float | None = None, attribute: str = "temperature") -> None:
+        super().__init__(schedule, start, end, delta, gamma, every, duration, interval, min_value, max_value,
+                         attribute)

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from kd_lightning.data.batch import Batch, WithIndex, as_batch
 from kd_lightning.data.resumable import EpochShuffleSampler, LoaderProgress, ResumableLoader, SeededSamples
 from kd_lightning.data.splits import labelled_subset
 from kd_lightning.seeding import derive_seed, run_seed, seeded_rng
@@ -101,6 +102,8 @@ class ClassificationDataModule(LightningDataModule):
             added after normalization, e.g. 0.1 as in the KD literature.
         mixup_alpha, cutmix_alpha: Beta(alpha, alpha) parameter of batch-level MixUp / CutMix on training batches
             (0: off; both > 0: one of the two per batch). Labels become soft ``(B, K)``; see the module docstring.
+        return_index: training batches carry each row's dataset index as a third field
+            (:mod:`kd_lightning.data.batch`); MixUp/CutMix refuse such batches.
     """
 
     num_classes: int
@@ -110,7 +113,7 @@ class ClassificationDataModule(LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, labelled_fraction: float = 1.0, use_unlabelled: bool = True,
                  split_seed: int = 0, noise_std: float = 0.0, mixup_alpha: float = 0.0,
-                 cutmix_alpha: float = 0.0) -> None:
+                 cutmix_alpha: float = 0.0, return_index: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -133,6 +136,7 @@ class ClassificationDataModule(LightningDataModule):
         self.noise_std = noise_std
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
+        self.return_index = return_index
         self._mix: BatchMix | None = None
         self.train_progress = LoaderProgress()  # batches the training step consumed: the train loader's state
         self._resume_progress: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
@@ -163,7 +167,7 @@ class ClassificationDataModule(LightningDataModule):
             extra_dir = getattr(self, "unlabelled_dir", None)
             if extra_dir:
                 rank_zero_info(f"use_unlabelled is false: the images in unlabelled_dir={extra_dir} are not used.")
-        self.train_set = train
+        self.train_set = WithIndex(train) if self.return_index else train
 
     # -- loaders --------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
@@ -220,9 +224,20 @@ class ClassificationDataModule(LightningDataModule):
         self.train_progress.count(epoch, trainer.is_last_batch)
         if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.noise_std == 0:
             return batch
-        x, y = batch[0], batch[1]
+        typed = as_batch(batch)
+        x, y = typed.images, typed.targets
+        extra = typed.extra_fields()
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and extra:
+            # MixUp/CutMix pair rows and weight them by lambda; a per-sample field left unmixed (a sample index, cached
+            # teacher logits) would silently describe another image than the mixed one.
+            raise ValueError(f"{type(self).__name__}: MixUp/CutMix (mixup_alpha={self.mixup_alpha}, cutmix_alpha="
+                             f"{self.cutmix_alpha}) mix images and targets only, but the batch has {len(extra)} "
+                             f"more per-sample field(s) ({', '.join(extra)}) that would stay unmixed. Turn "
+                             "MixUp/CutMix off for this data, or drop the extra fields (return_index: false).")
         # seeded by position, like everything random in training, so that a resumed run mixes the same pairs
         with seeded_rng(derive_seed(run_seed(), "batch", trainer.global_rank, epoch, self.train_progress.batches),
                         x.device):
             x, y = self.augment_batch(x, y)
+        if isinstance(batch, Batch):
+            return batch._replace(images=x, targets=y)
         return [x, y, *batch[2:]] if isinstance(batch, list) else (x, y, *batch[2:])

@@ -20,16 +20,18 @@ class DigitsDataModule(ClassificationDataModule):
         val_fraction, test_fraction: shares of the 1,797 images held out (stratified by class).
         noise_std: standard deviation of Gaussian input noise added to training batches (0: off).
         **kwargs: see :class:`~kd_lightning.data.base.ClassificationDataModule` (loader settings,
-            ``labelled_fraction``, ``use_unlabelled``, ``split_seed``, ``mixup_alpha``, ``cutmix_alpha``).
+            ``labelled_fraction``, ``use_unlabelled``, ``split_seed``, ``mixup_alpha``, ``cutmix_alpha``,
+            ``return_index``).
     """
 
     def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2, noise_std: float = 0.0,
                  batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, labelled_fraction: float = 1.0, use_unlabelled: bool = True,
-                 split_seed: int = 0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:
+                 split_seed: int = 0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 return_index: bool = False) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, labelled_fraction,
                          use_unlabelled, split_seed, noise_std=noise_std, mixup_alpha=mixup_alpha,
-                         cutmix_alpha=cutmix_alpha)
+                         cutmix_alpha=cutmix_alpha, return_index=return_index)
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got "
                              f"{val_fraction} and {test_fraction}.")

@@ -100,13 +100,8 @@ class FlowersDataModule(ImageClassificationDataModule):
 
     def find_splits(self) -> tuple[Split, Split, Split | None]:
         if self.dataset == "flowers102":
-            from torchvision.datasets import Flowers102
-
-            def split(name: str) -> Split:
-                data = Flowers102(str(self.root), split=name)
-                return Split([os.fspath(p) for p in data._image_files], list(data._labels))
-
-            return split("train"), split("val"), split("test")
+            base = self.root / "flowers-102"
+            return flowers102_split(base, "train"), flowers102_split(base, "val"), flowers102_split(base, "test")
         if self._splits is None:
             self._scan()
         assert self._splits is not None
@@ -123,3 +118,19 @@ class FlowersDataModule(ImageClassificationDataModule):
 
         return [v2.Resize(round(self.image_size / self.eval_crop_fraction), antialias=True),
                 v2.CenterCrop(self.image_size)]
+
+
+_FLOWERS102_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
+
+
+def flowers102_split(base: Path, split: str) -> Split:
+    """One official Oxford Flowers-102 split, read from the dataset's own files in ``base`` (``flowers-102/`` as
+    torchvision's download lays it out): ``setid.mat`` lists the 1-based image ids of each split, ``imagelabels.mat``
+    the 1-based class of every image id, and image ``n`` is ``jpg/image_<n:05d>.jpg``."""
+    import numpy as np
+    from scipy.io import loadmat
+
+    labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"])  # (N,), classes 1..102
+    ids = np.atleast_1d(loadmat(base / "setid.mat", squeeze_me=True)[_FLOWERS102_SPLIT_KEYS[split]])
+    ids = [int(i) for i in ids]
+    return Split([os.fspath(base / "jpg" / f"image_{i:05d}.jpg") for i in ids], [int(labels[i - 1]) - 1 for i in ids])
