@@ -315,9 +315,66 @@ def check_and_hash(run: PlannedRun) -> str:
     config = cli.config.clone()
     for key in DISPLAY_KEYS:
         config[key] = None
-    resolved = cli.parser.dump(config, skip_check=True)
+    resolved = yaml.safe_load(cli.parser.dump(config, skip_check=True))
+    defaults = yaml.safe_load(cli.parser.dump(cli.parser.get_defaults(), skip_check=True))
+    settings = yaml.safe_dump(non_default_settings(resolved, defaults), sort_keys=True)
     teacher_hash = run.teacher.config_hash if run.teacher else ""
-    return hashlib.sha256(f"{resolved}\n{teacher_hash}".encode()).hexdigest()
+    return hashlib.sha256(f"{settings}\n{teacher_hash}".encode()).hexdigest()
+
+
+def non_default_settings(value: Any, default: Any = None) -> Any:
+    """``value`` (a resolved config) without the settings equal to their defaults: the parser's for plain
+    sections, the class signature's for ``class_path``/``init_args`` objects. A run's hash is taken over this, so
+    that a new option with a default (a package upgrade) does not make finished runs train again, while any
+    setting a config or override gives, default or not, still counts when it differs from the default."""
+    if isinstance(value, list):
+        return [non_default_settings(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "class_path" in value:
+        signature_defaults = _signature_defaults(str(value["class_path"]))
+        init_args = {k: non_default_settings(v) for k, v in (value.get("init_args") or {}).items()
+                     if k not in signature_defaults or _plain(signature_defaults[k]) != _plain(v)}
+        return {"class_path": value["class_path"], **({"init_args": init_args} if init_args else {})}
+    default = default if isinstance(default, dict) else {}
+    out = {}
+    for key, item in value.items():
+        if key in default and _plain(default[key]) == _plain(item) and not isinstance(item, dict):
+            continue
+        kept = non_default_settings(item, default.get(key))
+        if kept != {} or not isinstance(item, dict):
+            out[key] = kept
+    return out
+
+
+def _signature_defaults(class_path: str) -> dict[str, Any]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for klass in getattr(cls, "__mro__", ()):  # a subclass's **kwargs reach its bases' arguments
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in params:
+            if p.default is not inspect.Parameter.empty:
+                defaults.setdefault(p.name, p.default)
+    return defaults
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as YAML gives them back, so that a signature's ``(0.25, 1.0)`` equals ``[0.25, 1.0]``."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 # -- running ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import yaml
 
 from kd_lightning import study as study_module
 from kd_lightning.models.loading import load_model
-from kd_lightning.study import StudyError, check_and_hash, load_study, main, plan, substitute_seed
+from kd_lightning.study import (StudyError, check_and_hash, load_study, main, non_default_settings, plan,
+                                substitute_seed)
 from kd_lightning.study_report import RunResult, mean_curve, mean_std, plot_results, summarize, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +264,32 @@ def test_changed_config_reruns_that_run_and_its_students(tmp_path, monkeypatch):
     write_study(study, runs=runs)
     main([str(study), "--out", str(out)])
     assert counter.trained == ["seed 0 teacher", "seed 0 kd_student"]  # a new teacher: its student distils again
+
+
+class _Upgraded:
+    """A class as a package upgrade leaves it: a new option ``smoothing`` whose default keeps the old behaviour."""
+
+    def __init__(self, lr: float = 0.1, crop: tuple = (0.25, 1.0), smoothing: float = 0.0) -> None:
+        pass
+
+
+def test_run_hash_ignores_options_left_at_their_defaults():
+    """A finished run is not trained again because an upgrade added an option with a default; any value that
+    differs from its default still counts (given or not, as the parser and the class signature see it)."""
+    path = f"{__name__}._Upgraded"
+    before = {"model": {"class_path": path, "init_args": {"lr": 0.2, "crop": [0.25, 1.0]}}, "trainer": {"max_steps": 5}}
+    after = {"model": {"class_path": path, "init_args": {"lr": 0.2, "crop": [0.25, 1.0], "smoothing": 0.0}},
+             "trainer": {"max_steps": 5, "max_time": None}}
+    defaults = {"trainer": {"max_steps": -1, "max_time": None}}
+    expected = {"model": {"class_path": path, "init_args": {"lr": 0.2}}, "trainer": {"max_steps": 5}}
+    assert non_default_settings(before, defaults) == non_default_settings(after, defaults) == expected
+    changed = {"model": {"class_path": path, "init_args": {"lr": 0.2, "smoothing": 0.1}}, "trainer": {"max_steps": -1}}
+    assert non_default_settings(changed, defaults) == {
+        "model": {"class_path": path, "init_args": {"lr": 0.2, "smoothing": 0.1}}}
+    # a subclass's **kwargs reach its base's arguments: FlowersDataModule's batch_size default is the base's 64
+    data = {"class_path": "kd_lightning.data.FlowersDataModule", "init_args": {"root": "r", "batch_size": 64}}
+    assert non_default_settings(data) == {"class_path": "kd_lightning.data.FlowersDataModule",
+                                          "init_args": {"root": "r"}}
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
