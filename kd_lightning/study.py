@@ -25,9 +25,9 @@ A study is YAML; its runs are the same config files ``kd-lightning fit`` takes, 
 Every run goes through the kd-lightning LightningCLI in this process (no second config system, no second
 training loop); its TensorBoard logs, ``config.yaml`` and checkpoints (``checkpoints/best.ckpt``,
 ``checkpoints/last.ckpt``) land in ``<out>/<run>/seed_<seed>/``, with a ``run.json`` written when it has finished.
-A study started again skips the runs whose resolved config (and teacher) have not changed. Every run's config
-is parsed and its model and data built before the first run trains, so a bad study fails before anything is
-written. Results: ``<out>/results.{md,csv,json}`` and ``<out>/results.png``.
+A study started again skips the runs whose resolved config (the settings that differ from their defaults) and
+teacher have not changed. Every run's config is parsed and its model and data built before the first run
+trains, so a bad study fails before anything is written. Results: ``<out>/results.{md,csv,json}`` and ``<out>/results.png``.
 """
 
 from __future__ import annotations
