@@ -36,6 +36,8 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import importlib
+import inspect
 import io
 import json
 import logging
@@ -339,18 +341,16 @@ def non_default_settings(value: Any, default: Any = None) -> Any:
     default = default if isinstance(default, dict) else {}
     out = {}
     for key, item in value.items():
-        if key in default and _plain(default[key]) == _plain(item) and not isinstance(item, dict):
-            continue
-        kept = non_default_settings(item, default.get(key))
-        if kept != {} or not isinstance(item, dict):
-            out[key] = kept
+        if isinstance(item, dict):  # a section: kept when something in it differs
+            section = non_default_settings(item, default.get(key))
+            if section:
+                out[key] = section
+        elif key not in default or _plain(default[key]) != _plain(item):
+            out[key] = non_default_settings(item)
     return out
 
 
 def _signature_defaults(class_path: str) -> dict[str, Any]:
-    import importlib
-    import inspect
-
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
