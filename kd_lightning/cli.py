@@ -117,7 +117,9 @@ class KDLightningCLI(LightningCLI):
             self.model.check_input_shape(input_shape)
         if self.subcommand == "fit":  # callbacks that check their settings against the model in setup
             for callback in self.trainer.callbacks:
-                if getattr(callback, "checks_settings_at_setup", False):
+                if hasattr(callback, "check_settings"):  # checks without side effects (TeacherCache)
+                    callback.check_settings(self.model, self.datamodule)
+                elif getattr(callback, "checks_settings_at_setup", False):
                     callback.setup(self.trainer, self.model, "fit")
         if self._resume_from is not None:
             check_checkpoint_fits(self._resume_from, self.model, self.config[self.subcommand]["ckpt_path"])

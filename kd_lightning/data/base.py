@@ -138,6 +138,7 @@ class ClassificationDataModule(LightningDataModule):
         self.cutmix_alpha = cutmix_alpha
         self.return_index = return_index
         self._mix: BatchMix | None = None
+        self._teacher_cache: tuple[Any, int, int] | None = None  # (store, cache seed, views): see attach_teacher_cache
         self.train_progress = LoaderProgress()  # batches the training step consumed: the train loader's state
         self._resume_progress: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
         self.train_set: Dataset | None = None
@@ -182,12 +183,52 @@ class ClassificationDataModule(LightningDataModule):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochShuffleSampler(dataset, num_replicas=replicas, rank=rank, seed=run_seed())  # type: ignore[arg-type]
-        loader = ResumableLoader(SeededSamples(dataset, run_seed()), sampler=sampler, progress=self.train_progress,
+        if self._teacher_cache is not None:  # offline KD: each row's view of the epoch, with its cached logits
+            from kd_lightning.data.teacher_cache import CachedViews
+
+            store, cache_seed, views = self._teacher_cache
+            samples: Dataset = CachedViews(dataset, store, cache_seed, run_seed(), views)
+        else:
+            samples = SeededSamples(dataset, run_seed())
+        loader = ResumableLoader(samples, sampler=sampler, progress=self.train_progress,
                                  drop_last=len(sampler) > self.batch_size, **settings)
         if self._resume_progress is not None:
             loader.load_state_dict(self._resume_progress)
             self._resume_progress = None
         return loader
+
+    # -- offline distillation (kd_lightning.callbacks.TeacherCache) ------------------------------------------
+    def teacher_cache_description(self) -> dict[str, Any]:
+        """What makes the training rows and their views: ``{"data": ..., "transform": ...}``, JSON-able. A teacher
+        cache built for one description is stale for any other (see :mod:`kd_lightning.data.teacher_cache`).
+        Subclasses describe their files and transform; the rows kept come from the settings below."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot describe its training data for a teacher cache: implement "
+            "teacher_cache_description() (the data files and the training transform), or distil online.")
+
+    def train_rows_description(self) -> dict[str, Any]:
+        """The settings that decide which rows the training set holds, and in what order."""
+        return {"labelled_fraction": self.labelled_fraction, "use_unlabelled": self.use_unlabelled,
+                "split_seed": self.split_seed, "return_index": self.return_index}
+
+    def check_teacher_cache(self) -> None:
+        """Refuse settings under which cached logits would describe another image than the one trained on."""
+        on_device = [f"{k}={v}" for k, v in (("mixup_alpha", self.mixup_alpha), ("cutmix_alpha", self.cutmix_alpha),
+                                              ("noise_std", self.noise_std)) if v > 0]
+        if on_device:
+            raise ValueError(
+                f"{type(self).__name__}: a teacher cache cannot be used with batch-level augmentation on the device "
+                f"({', '.join(on_device)}): it changes each image after the teacher's logits were cached for it. "
+                "Turn it off (0) for offline distillation, or distil online (remove the TeacherCache callback).")
+
+    def attach_teacher_cache(self, store: Any, cache_seed: int = 0, views: int = 1) -> None:
+        """Serve training batches as ``(images, targets, index, teacher_logits)`` from ``store``
+        (:class:`~kd_lightning.data.teacher_cache.TeacherLogitsStore`); None detaches (online again)."""
+        if store is None:
+            self._teacher_cache = None
+            return
+        self.check_teacher_cache()
+        self._teacher_cache = (store, cache_seed, views)
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_progress": self.train_progress.state_dict()}

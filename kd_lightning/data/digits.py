@@ -6,6 +6,8 @@ train in seconds on a laptop CPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
@@ -39,6 +41,13 @@ class DigitsDataModule(ClassificationDataModule):
         self.num_classes = 10
         self.class_names = [str(d) for d in range(10)]
         self.input_shape = (1, 8, 8)
+
+    def teacher_cache_description(self) -> dict[str, Any]:
+        import sklearn
+
+        data = {"dataset": "sklearn.datasets.load_digits", "sklearn": sklearn.__version__,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, **self.train_rows_description()}
+        return {"data": data, "transform": "none (images as they are; noise_std runs on the device)"}
 
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset | None, list[int]]:
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download

@@ -285,6 +285,28 @@ class Split:
         return Split([self.items[i] for i in indices], [self.labels[i] for i in indices], self.load)
 
 
+def describe_items(split: Split) -> str:
+    """sha256 of what a split's images are: each file's path, size and modification time (a file rewritten in
+    place changes it), or the bytes of the array that array-backed items index."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{len(split.items)}\n".encode())
+    array = getattr(split.load, "array", None)
+    for item in split.items:
+        if isinstance(item, (str, os.PathLike)):
+            stat = os.stat(item)
+            digest.update(f"{os.fspath(item)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        elif array is not None:
+            digest.update(f"{int(item)}\n".encode())
+        else:
+            raise NotImplementedError(f"Cannot describe image items of type {type(item).__name__} for a teacher cache.")
+    if array is not None:
+        import numpy as np
+
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def split_by_class(split: Split, fractions: Sequence[float], seed: int) -> list[Split]:
     """``split`` cut into seeded, stratified parts (:func:`kd_lightning.data.splits.stratified_split`)."""
     return [split.subset(idx) for idx in stratified_split(split.labels, fractions, seed)]
@@ -390,6 +412,20 @@ class ImageClassificationDataModule(ClassificationDataModule):
         test_set = None if test is None else val_set if test is val else \
             ImageDataset(test.items, test.labels, eval_tf, test.load)
         return ImageDataset(train.items, train.labels, train_tf, train.load), val_set, test_set, train.labels
+
+    def teacher_cache_description(self) -> dict[str, Any]:
+        """The training files (path, size and modification time of each, or the bytes of an array-backed split), the
+        rows kept, and the training transform with the library versions that run it (a teacher cache's key)."""
+        import torchvision
+
+        train = self.find_splits()[0]
+        data = {"train": describe_items(train), "unlabelled": describe_items(Split(self._unlabelled_paths,
+                                                                                    [UNLABELLED] * len(self._unlabelled_paths))),
+                **self.train_rows_description()}
+        transform = {"pipeline": repr(self.train_transform()), "image_size": self.image_size,
+                     "mean": list(self.mean), "std": list(self.std), "auto_augment": self.auto_augment,
+                     "torch": torch.__version__, "torchvision": torchvision.__version__}
+        return {"data": data, "transform": transform}
 
     def build_unlabelled(self) -> Dataset | None:
         if not self._unlabelled_paths:

@@ -1,0 +1,190 @@
+r"""
+TeacherCache
+^^^^^^^^^^^^
+
+Offline distillation: the teacher's logits computed once, on ``views`` seeded augmented views of every training
+row, and the student trained from them with no teacher forward pass (:mod:`kd_lightning.data.teacher_cache` has
+the replay rule and the file format). Add it to a KD run's ``trainer.callbacks``::
+
+    trainer:
+      callbacks:
+        - class_path: kd_lightning.callbacks.TeacherCache
+          init_args: {dirpath: logs/flowers_transfer/teacher_cache, views: 8}
+
+At ``setup`` of a fit, before anything trains, it fingerprints the teacher's weights, the training data, the
+transform, the cache seed, ``views`` and the storage. A matching, complete cache in ``dirpath`` is used as it is;
+anything else (none yet, a partial build, another teacher, other data or transforms, a damaged file) is rebuilt
+there, with one message that says why. Under DDP every rank computes its share of the rows (rows ``r::world``)
+into one memory-mapped file; rank 0 writes the manifest last. Validation and test still run the teacher
+(``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
+
+With ``views: K`` an epoch shows each row in one of its K views, so K epochs see K different crops; past K epochs
+the views repeat (online KD draws a fresh crop every time). Refused with a clear error: terms that tap teacher
+layers (their features are not cached), a multi-head teacher weighted by ``teacher_weights``, batch-level
+augmentation on the device (MixUp, CutMix, noise) and transforms that cannot be replayed from a seed.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from kd_lightning.data.teacher_cache import (
+    TeacherLogitsStore,
+    ViewsToCache,
+    check_replayable,
+    describe_part,
+    fingerprint,
+)
+
+_AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+class TeacherCache(Callback):
+    """Train a :class:`~kd_lightning.DistillationModule` from cached teacher logits; see the module docstring.
+
+    Args:
+        dirpath: the cache's folder (built there when missing or stale).
+        views: K, the seeded augmented views cached per training row (1 for data without random augmentation).
+        seed: the views' seed, independent of the run's seed, so that the runs of a multi-seed study share one
+            cache (each seed still walks the views in its own order).
+        dtype: storage of the logits, ``float16`` (half the disk) or ``float32`` (bit-exact).
+        top_k: keep only the ``top_k`` largest logits per view; the other classes share the rest of the
+            probability mass evenly (exact at T = 1 only). None: every logit.
+        batch_size: the teacher's batch while building (default: the DataModule's).
+        precision: the teacher's autocast while building: ``"32"``, ``"bf16"`` or ``"16"`` (a GPU's choice).
+    """
+
+    def __init__(self, dirpath: str, views: int = 1, seed: int = 0,
+                 dtype: Literal["float16", "float32"] = "float16", top_k: int | None = None,
+                 batch_size: int | None = None, precision: Literal["32", "bf16", "16"] = "32") -> None:
+        super().__init__()
+        if not dirpath:
+            raise ValueError("TeacherCache: dirpath is required, e.g. logs/<experiment>/teacher_cache.")
+        if views < 1:
+            raise ValueError(f"TeacherCache: views must be >= 1 (augmented views cached per row), got {views}.")
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"TeacherCache: dtype must be 'float16' or 'float32', got {dtype!r}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"TeacherCache: top_k must be >= 1 or null (every logit), got {top_k}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"TeacherCache: batch_size must be >= 1 or null (the DataModule's), got {batch_size}.")
+        if precision not in _AUTOCAST:
+            raise ValueError(f"TeacherCache: precision must be '32', 'bf16' or '16', got {precision!r}.")
+        self.dirpath, self.views, self.seed = str(dirpath), int(views), int(seed)
+        self.dtype, self.top_k, self.batch_size, self.precision = dtype, top_k, batch_size, precision
+        self.fingerprint: str | None = None
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any) -> bool:
+        """A clear error for a run the cache cannot serve, before anything is built or written (the
+        ``kd-lightning`` command calls it before the trainer starts). Returns whether the training transform is
+        random (False: every view of a row is the same image)."""
+        from kd_lightning.data.base import ClassificationDataModule
+        from kd_lightning.module import DistillationModule
+
+        if not isinstance(pl_module, DistillationModule):
+            raise ValueError(f"TeacherCache caches a teacher's logits: it needs a DistillationModule, got "
+                             f"{type(pl_module).__name__}. Remove it from this run's callbacks.")
+        tapping = [t.name for t in pl_module.terms.values() if t.teacher_layers]
+        if tapping:
+            raise ValueError(f"TeacherCache: the term(s) {tapping} tap teacher layers, which the cache does not hold, "
+                             "so the teacher would run anyway. Distil them online (remove TeacherCache), or use "
+                             "logit terms only (HintonKD, DKD, CrossEntropy).")
+        weighted = [t.name for t in pl_module.terms.values() if len(getattr(t, "teacher_weights", None) or ()) > 1]
+        if weighted:
+            raise ValueError(f"TeacherCache stores the teacher's main head only, but the term(s) {weighted} weight "
+                             "several teacher heads (teacher_weights). Use the main head alone (teacher_weights: null) "
+                             "or distil online.")
+        if not isinstance(datamodule, ClassificationDataModule):
+            raise ValueError("TeacherCache needs a kd_lightning ClassificationDataModule (it serves the cached views "
+                             f"through the training loader), got {type(datamodule).__name__}.")
+        datamodule.check_teacher_cache()
+        if datamodule.train_set is None:
+            datamodule.setup("fit")
+        return check_replayable(datamodule.train_set, self.seed)
+
+    def parts(self, pl_module: Any, datamodule: Any) -> dict[str, str]:
+        """The fingerprint's parts: what a cache was built for."""
+        description = datamodule.teacher_cache_description()
+        return {"teacher": pl_module.teacher_fingerprint(), "data": describe_part(description["data"]),
+                "transform": describe_part(description["transform"]), "seed": str(self.seed),
+                "views": str(self.views), "storage": f"{self.dtype}, top_k={self.top_k}",
+                "classes": str(pl_module.num_classes)}
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        random_views = self.check_settings(pl_module, datamodule)
+        train_set = datamodule.train_set
+        if not random_views and self.views > 1:
+            rank_zero_warn(f"TeacherCache: the training transform is not random, so the {self.views} views of a row "
+                           "are the same image; views: 1 caches the same information at 1/K of the cost.")
+        parts = self.parts(pl_module, datamodule)
+        self.fingerprint = fingerprint(parts)
+        store = TeacherLogitsStore(self.dirpath)
+        reason = store.stale_reason(parts) if trainer.is_global_zero else None
+        reason = trainer.strategy.broadcast(reason, src=0)
+        if reason is None:
+            rank_zero_info(f"TeacherCache: using the cached teacher logits in '{self.dirpath}' "
+                           f"({len(train_set)} rows x {self.views} views).")
+        else:
+            rank_zero_info(f"TeacherCache: building the teacher cache in '{self.dirpath}' ({len(train_set)} rows x "
+                           f"{self.views} views) because {reason}.")
+            self.build(trainer, pl_module, datamodule, parts)
+        datamodule.attach_teacher_cache(TeacherLogitsStore(self.dirpath), self.seed, self.views)
+
+    def build(self, trainer: pl.Trainer, pl_module: Any, datamodule: Any, parts: dict[str, str]) -> None:
+        """Every rank runs the teacher on its rows' views (rows ``rank::world``) into the shared memory-mapped
+        file; rank 0 creates it first and writes the manifest last."""
+        start = time.perf_counter()
+        train_set = datamodule.train_set
+        rows, rank, world = len(train_set), trainer.global_rank, trainer.world_size
+        store = TeacherLogitsStore(self.dirpath)
+        if trainer.is_global_zero:
+            store.create(rows, self.views, pl_module.num_classes, self.dtype, self.top_k)
+        trainer.strategy.barrier("teacher_cache_created")
+        store.open_for_writing(self.top_k)
+        device = trainer.strategy.root_device
+        teacher = pl_module.teacher.to(device)  # the strategy moves the whole module there next anyway
+        pairs = [(i, v) for i in range(rank, rows, world) for v in range(self.views)]
+        loader = DataLoader(ViewsToCache(train_set, pairs, self.seed), batch_size=self.batch_size or
+                            datamodule.batch_size, shuffle=False, num_workers=datamodule.num_workers)
+        dtype = _AUTOCAST[self.precision]
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with torch.no_grad(), autocast:
+            for images, index, view in loader:
+                heads = pl_module.teacher_logits(images.to(device))
+                store.write(index.tolist(), view.tolist(), heads[0].float(), self.top_k)
+        store.flush()
+        trainer.strategy.barrier("teacher_cache_written")
+        if trainer.is_global_zero:
+            store.finish(rows, self.views, pl_module.num_classes, self.dtype, self.top_k, parts)
+        trainer.strategy.barrier("teacher_cache_finished")
+        del teacher
+        rank_zero_info(f"TeacherCache: {rows * self.views} views cached in {time.perf_counter() - start:.1f} s.")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage == "fit" and hasattr(datamodule, "attach_teacher_cache"):
+            datamodule.attach_teacher_cache(None)  # a later trainer.test() or a fit without this callback goes online
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # restored after setup() fingerprinted this run's cache
+        saved = state_dict.get("fingerprint")
+        if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
+            rank_zero_warn("TeacherCache: this run was checkpointed with another teacher cache (fingerprint "
+                           f"{saved[:12]} != {self.fingerprint[:12]}): the resumed run distils from other logits "
+                           "than the interrupted one.")

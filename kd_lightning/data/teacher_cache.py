@@ -1,0 +1,233 @@
+"""Offline distillation: the teacher's logits on K seeded augmented views of every training row, stored once.
+
+Online KD pays a teacher forward pass on every step. A cache pays it once per *view*: view ``v`` of training
+row ``i`` is the DataModule's own training transform, run with torch's CPU generator and Python's ``random``
+seeded to ``derive_seed(cache_seed, "view", i, v)``; the teacher's logits for exactly that image are stored at
+``[i, v]``. In epoch ``e`` the student gets view ``v = (e + offset_i) % K`` of row ``i``
+(``offset_i = derive_seed(run_seed, "view offset", i) % K``, so every view is used once every K epochs and
+different run seeds walk the views in different orders), **re-made from the image with the same seed**, with the
+logits the teacher gave for that very view. A cached clean-image logit is never paired with a random crop.
+
+That replay needs transforms whose randomness comes from torch's or Python's generator (every
+``torchvision.transforms.v2`` op does); :func:`check_replayable` refuses any other. Batch-level augmentation on
+the device (MixUp, CutMix, noise) changes the image after the teacher saw it: the DataModule refuses the cache
+with it.
+
+On disk (``folder/``): ``manifest.json`` (format, shape, storage, the fingerprint's parts) and ``logits.npy``
+``(N, K, C)`` float16 (or float32), memory-mapped; with ``top_k``, ``topk_logits.npy`` / ``topk_classes.npy``
+``(N, K, k)`` and ``rest_logit.npy`` ``(N, K)``: the other classes share the rest of the probability mass evenly
+(exact at T = 1, an approximation at other temperatures). The manifest is written last, after every rank's
+rows, so a cache without one is partial. The fingerprint covers the teacher's weights, the data files, the
+transform, the cache seed, K and the storage: :func:`stale_reason` names whatever changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from kd_lightning.seeding import derive_seed, seeded_cpu_rng
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def view_seed(cache_seed: int, index: int, view: int) -> int:
+    """The seed of the training transform that makes view ``view`` of row ``index``."""
+    return derive_seed(cache_seed, "view", index, view)
+
+
+def view_of_epoch(run_seed: int, index: int, epoch: int, views: int) -> int:
+    """Which of the ``views`` cached views row ``index`` shows in ``epoch``: each one once every ``views`` epochs."""
+    return (epoch + derive_seed(run_seed, "view offset", index)) % views
+
+
+def make_view(dataset: Dataset, index: int, seed: int) -> tuple[Any, ...]:
+    """Row ``index`` of ``dataset`` with its transforms seeded to ``seed`` (the caller's generators restored)."""
+    with seeded_cpu_rng(seed):
+        return tuple(dataset[index])
+
+
+def check_replayable(dataset: Dataset, cache_seed: int, rows: int = 3) -> bool:
+    """Raise when the training transform cannot be replayed from a seed (two runs of the same seed differ);
+    return whether it is random at all (False: every view of a row is the same image)."""
+    count = min(rows, len(dataset))  # type: ignore[arg-type]
+    random_views = False
+    for i in range(count):
+        first = make_view(dataset, i, view_seed(cache_seed, i, 0))[0]
+        again = make_view(dataset, i, view_seed(cache_seed, i, 0))[0]
+        if not (isinstance(first, Tensor) and first.shape == again.shape and torch.equal(first, again)):
+            raise ValueError(
+                "The teacher cache cannot replay this DataModule's training transform: row "
+                f"{i} made twice from the same seed gives two different images. Cached logits would then be paired "
+                "with views the teacher never saw. Use transforms whose randomness comes from torch's or Python's "
+                "generator (every torchvision.transforms.v2 op does; numpy's generator is not seeded), or distil "
+                "online (remove the TeacherCache callback).")
+        other = make_view(dataset, i, view_seed(cache_seed, i, 1))[0]
+        random_views = random_views or not (first.shape == other.shape and torch.equal(first, other))
+    return random_views
+
+
+def fingerprint(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def describe_part(value: Any) -> str:
+    """A short, stable text for one part of the fingerprint (long texts hashed)."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 200 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+class TeacherLogitsStore:
+    """The cached logits in ``folder``: read lazily (memory-mapped, once per process, so DataLoader workers
+    pickle only the path), written row by row by :meth:`create` / :meth:`write` / :meth:`finish`."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._manifest: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "_arrays": None, "_manifest": None}
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            self._manifest = json.loads((self.folder / MANIFEST).read_text())
+        return self._manifest
+
+    def _files(self) -> dict[str, str]:
+        return {"logits": "logits.npy"} if self.manifest["top_k"] is None else \
+            {"values": "topk_logits.npy", "classes": "topk_classes.npy", "rest": "rest_logit.npy"}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {name: np.load(self.folder / file, mmap_mode="r") for name, file in self._files().items()}
+        return self._arrays
+
+    def logits(self, index: int, view: int) -> Tensor:
+        """``(C,)`` float32 logits of view ``view`` of row ``index``."""
+        a = self.arrays()
+        if "logits" in a:
+            return torch.from_numpy(np.array(a["logits"][index, view], dtype=np.float32))
+        full = np.full(self.manifest["num_classes"], a["rest"][index, view], dtype=np.float32)
+        full[a["classes"][index, view].astype(np.int64)] = a["values"][index, view]
+        return torch.from_numpy(full)
+
+    def stale_reason(self, parts: dict[str, str]) -> str | None:
+        """Why this folder cannot serve a cache of ``parts`` (missing, partial, stale, damaged), or None."""
+        if not (self.folder / MANIFEST).is_file():
+            if self.folder.is_dir() and any(self.folder.iterdir()):
+                return f"'{self.folder}' holds a partial cache (no {MANIFEST}: its build did not finish)"
+            return f"no cache in '{self.folder}' yet"
+        try:
+            manifest = self.manifest
+        except (OSError, ValueError) as err:
+            return f"its {MANIFEST} cannot be read ({err})"
+        if manifest.get("format") != FORMAT_VERSION:
+            return f"it was written in cache format {manifest.get('format')}, this version reads {FORMAT_VERSION}"
+        saved = manifest.get("parts", {})
+        changed = [name for name in parts if saved.get(name) != parts[name]]
+        if changed:
+            return "it was built for a different " + ", ".join(changed)
+        n, k = manifest["rows"], manifest["views"]
+        try:
+            for name, array in self.arrays().items():
+                if tuple(array.shape[:2]) != (n, k):
+                    return f"'{self.folder / self._files()[name]}' has shape {tuple(array.shape)}, expected ({n}, {k}, ...)"
+        except (OSError, ValueError) as err:  # np.load of a truncated .npy: "mmap length is greater than file size"
+            self._arrays = None
+            return f"a cache file is damaged or truncated ({err})"
+        return None
+
+    # -- writing (rank 0 creates and finishes; every rank writes its rows) --------------------------------------
+    def create(self, rows: int, views: int, num_classes: int, dtype: str, top_k: int | None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / MANIFEST).unlink(missing_ok=True)  # partial from now until finish()
+        for stale in ("logits.npy", "topk_logits.npy", "topk_classes.npy", "rest_logit.npy"):
+            (self.folder / stale).unlink(missing_ok=True)
+        self._manifest = {"top_k": top_k}
+        shapes = {"logits": (rows, views, num_classes)} if top_k is None else \
+            {"values": (rows, views, top_k), "classes": (rows, views, top_k), "rest": (rows, views)}
+        types = {"logits": dtype, "values": dtype, "classes": "int32", "rest": "float32"}
+        for name, file in self._files().items():
+            np.lib.format.open_memmap(self.folder / file, mode="w+", dtype=types[name], shape=shapes[name]).flush()
+        self._manifest = None
+
+    def open_for_writing(self, top_k: int | None) -> None:
+        self._manifest = {"top_k": top_k}
+        self._arrays = {name: np.load(self.folder / file, mmap_mode="r+") for name, file in self._files().items()}
+
+    def write(self, index: Sequence[int], view: Sequence[int], logits: Tensor, top_k: int | None) -> None:
+        """Store ``(B, C)`` logits for rows ``index`` and views ``view``."""
+        a = self.arrays()
+        i, v = np.asarray(index), np.asarray(view)
+        logits = logits.detach().float().cpu()
+        if top_k is None:
+            a["logits"][i, v] = logits.numpy()
+            return
+        values, classes = logits.topk(top_k, dim=-1)  # (B, k)
+        log_p = logits.log_softmax(-1)
+        rest = (1 - log_p.gather(-1, classes).exp().sum(-1)).clamp_min(1e-12)  # the mass outside the top k
+        spread = rest / max(1, logits.shape[-1] - top_k)
+        a["values"][i, v] = values.numpy()
+        a["classes"][i, v] = classes.numpy()
+        a["rest"][i, v] = (spread.log() + logits.logsumexp(-1)).numpy()  # the logit that gives that share at T=1
+
+    def flush(self) -> None:
+        for array in (self._arrays or {}).values():
+            if isinstance(array, np.memmap):
+                array.flush()
+        self._arrays = None
+
+    def finish(self, rows: int, views: int, num_classes: int, dtype: str, top_k: int | None,
+               parts: dict[str, str]) -> None:
+        manifest = {"format": FORMAT_VERSION, "rows": rows, "views": views, "num_classes": num_classes,
+                    "dtype": dtype, "top_k": top_k, "fingerprint": fingerprint(parts), "parts": parts}
+        tmp = self.folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(self.folder / MANIFEST)  # atomic: a reader sees no manifest or the whole one
+        self._manifest, self._arrays = None, None
+
+
+class ViewsToCache(Dataset):
+    """``(image, row, view)`` for the given ``(row, view)`` pairs: what the teacher is run on to fill the cache."""
+
+    def __init__(self, dataset: Dataset, pairs: Sequence[tuple[int, int]], cache_seed: int) -> None:
+        self.dataset, self.pairs, self.cache_seed = dataset, list(pairs), cache_seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j: int) -> tuple[Any, int, int]:
+        i, v = self.pairs[j]
+        return make_view(self.dataset, i, view_seed(self.cache_seed, i, v))[0], i, v
+
+
+class CachedViews(Dataset):
+    """The training rows as ``(image, target, index, teacher_logits)`` (the batch contract of
+    :mod:`kd_lightning.data.batch`), read by the ``(epoch, index)`` keys of the resumable training sampler: the
+    row's view of that epoch, re-made from its seed, with the logits the teacher gave for it."""
+
+    def __init__(self, dataset: Dataset, store: TeacherLogitsStore, cache_seed: int, run_seed: int,
+                 views: int) -> None:
+        self.dataset, self.store = dataset, store
+        self.cache_seed, self.run_seed, self.views = cache_seed, run_seed, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any, int, Tensor]:
+        epoch, i = key
+        v = view_of_epoch(self.run_seed, i, epoch, self.views)
+        row = make_view(self.dataset, i, view_seed(self.cache_seed, i, v))
+        return row[0], row[1], i, self.store.logits(i, v)

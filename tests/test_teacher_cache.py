@@ -1,0 +1,270 @@
+"""Offline distillation from the fingerprinted teacher cache (kd_lightning.callbacks.TeacherCache): the loss on cached
+logits equals the online loss on the same views, stale or partial caches are rebuilt with a message, settings under
+which cached logits would describe another image are refused, and a two-process DDP run from the cache equals a
+one-process run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from kd_lightning import DistillationModule
+from kd_lightning.callbacks import TeacherCache
+from kd_lightning.data import FlowersDataModule
+from kd_lightning.data.batch import as_batch
+from kd_lightning.data.synthetic import write_class_folders
+from kd_lightning.data.teacher_cache import TeacherLogitsStore, make_view, view_of_epoch, view_seed
+from kd_lightning.distillers import CrossEntropy, Hint, HintonKD
+
+
+def nets(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                            nn.Linear(128, 3))
+    student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                            nn.Linear(16, 3))
+    return student, teacher
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_class_folders(tmp_path_factory.mktemp("flowers") / "photos", classes=3, per_class=8, size=24)
+
+
+def datamodule(root: Path, **kwargs) -> FlowersDataModule:
+    settings = dict(image_size=16, val_fraction=0.25, crop_scale=(0.3, 1.0), batch_size=6)
+    settings.update(kwargs)
+    return FlowersDataModule(str(root), **settings)
+
+
+def module(teacher_seed: int = 0, **kwargs) -> DistillationModule:
+    student, teacher = nets()
+    if teacher_seed:
+        teacher = nets(teacher_seed)[1]
+    kwargs.setdefault("lr_scheduler", "none")
+    return DistillationModule(student=student, teacher=teacher, num_classes=3, lr=0.05, **kwargs)
+
+
+def trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    settings = dict(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    settings.update(kwargs)
+    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, **settings)
+
+
+class Batches(Callback):
+    """Keeps every training batch and the loss the step computed on it."""
+
+    def __init__(self) -> None:
+        self.batches, self.losses = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append([t.clone() if torch.is_tensor(t) else t for t in batch])
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def fit_cached(tmp_path: Path, root: Path, cache: Path, *, views: int = 2, dtype: str = "float32",
+               model: DistillationModule | None = None, dm: FlowersDataModule | None = None, max_steps: int = 3,
+               **cache_kwargs):
+    pl.seed_everything(0)
+    model = model or module()
+    dm = dm or datamodule(root)
+    keep = Batches()
+    trainer(tmp_path, [TeacherCache(str(cache), views=views, dtype=dtype, **cache_kwargs), keep],
+            max_steps=max_steps).fit(model, dm)
+    return model, dm, keep
+
+
+def test_cached_loss_equals_online_loss_on_the_same_views(tmp_path, folder):
+    model, dm, keep = fit_cached(tmp_path, folder, tmp_path / "cache", views=3)
+    assert len(keep.batches) == 3
+    fresh = module()  # the same initial student: step 0 of the cached run is comparable
+    teacher = fresh.teacher
+    for step, (batch, loss) in enumerate(zip(keep.batches, keep.losses)):
+        b = as_batch(batch)
+        assert b.teacher_logits is not None and b.index is not None
+        with torch.no_grad():
+            online = teacher(b.images)  # the teacher on the very images the student trained on
+        torch.testing.assert_close(b.teacher_logits, online, rtol=1e-5, atol=1e-5)
+        if step == 0:
+            cached_loss = fresh.compute_losses(fresh._forward_both(b))["loss"]
+            online_loss = fresh.compute_losses(fresh._forward_both(b._replace(teacher_logits=None)))["loss"]
+            torch.testing.assert_close(cached_loss, online_loss, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(loss, online_loss.detach(), rtol=1e-6, atol=1e-6)
+    # each image is the row's view of the epoch, re-made from its seed: not a clean image, not another crop
+    store = TeacherLogitsStore(tmp_path / "cache")
+    b = as_batch(keep.batches[0])
+    for row, image, logits in zip(b.index.tolist(), b.images, b.teacher_logits):
+        v = view_of_epoch(0, row, 0, 3)
+        remade = make_view(dm.train_set, row, view_seed(0, row, v))[0]
+        assert torch.equal(image, remade)
+        torch.testing.assert_close(store.logits(row, v), logits)
+        others = [u for u in range(3) if u != v]
+        assert not any(torch.equal(image, make_view(dm.train_set, row, view_seed(0, row, u))[0]) for u in others)
+
+
+def test_float16_storage_is_close_and_top_k_keeps_the_rest_of_the_mass(tmp_path, folder):
+    _, _, full = fit_cached(tmp_path, folder, tmp_path / "f32", views=1, max_steps=1)
+    _, _, half = fit_cached(tmp_path, folder, tmp_path / "f16", views=1, dtype="float16", max_steps=1)
+    a, b = as_batch(full.batches[0]).teacher_logits, as_batch(half.batches[0]).teacher_logits
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    _, _, top = fit_cached(tmp_path, folder, tmp_path / "top1", views=1, top_k=1, max_steps=1)
+    t = as_batch(top.batches[0]).teacher_logits
+    assert torch.equal(t.argmax(-1), a.argmax(-1))
+    p, q = a.softmax(-1), t.softmax(-1)
+    top_p = p.max(-1).values
+    torch.testing.assert_close(q.max(-1).values, top_p, rtol=1e-4, atol=1e-4)  # the top class keeps its mass
+    rest = q.topk(2, dim=-1).values[:, 1]  # the two other classes share 1 - p_top evenly
+    torch.testing.assert_close(rest, (1 - top_p) / 2, rtol=1e-4, atol=1e-4)
+
+
+class CountForwards(Callback):
+    def __init__(self) -> None:
+        self.training = 0
+        self.handle = None
+
+    def on_fit_start(self, trainer, pl_module):
+        def hook(module, args, output):
+            self.training += int(trainer.training)
+        self.handle = pl_module.teacher.register_forward_hook(hook)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def test_training_from_the_cache_runs_no_teacher_forward(tmp_path, folder):
+    counter = CountForwards()
+    pl.seed_everything(0)
+    trainer(tmp_path, [TeacherCache(str(tmp_path / "cache")), counter], max_steps=4).fit(module(), datamodule(folder))
+    assert counter.training == 0
+    online = CountForwards()
+    trainer(tmp_path, [online], max_steps=4).fit(module(), datamodule(folder))
+    assert online.training == 4
+
+
+@pytest.fixture
+def info(caplog):
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def messages(caplog) -> str:
+    text = "\n".join(r.getMessage() for r in caplog.records if "TeacherCache" in r.getMessage())
+    caplog.clear()
+    return text
+
+
+def test_stale_or_partial_caches_are_rebuilt_with_a_message(tmp_path, folder, info):
+    cache = tmp_path / "cache"
+    fit_cached(tmp_path, folder, cache, max_steps=1)
+    assert "building" in messages(info)
+    fit_cached(tmp_path, folder, cache, max_steps=1)
+    assert "using the cached teacher logits" in messages(info)
+
+    fit_cached(tmp_path, folder, cache, model=module(teacher_seed=1), max_steps=1)  # another teacher
+    assert "built for a different teacher" in messages(info)
+    fit_cached(tmp_path, folder, cache, max_steps=1)
+    assert "built for a different teacher" in messages(info)
+
+    fit_cached(tmp_path, folder, cache, dm=datamodule(folder, crop_scale=(0.5, 1.0)), max_steps=1)  # transform
+    assert "built for a different transform" in messages(info)
+    fit_cached(tmp_path, folder, cache, max_steps=1)
+    assert "building" in messages(info)
+
+    fit_cached(tmp_path, folder, cache, views=3, max_steps=1)
+    assert "built for a different views" in messages(info)
+
+    data = tmp_path / "photos_copy"
+    import shutil
+
+    shutil.copytree(folder, data)
+    fit_cached(tmp_path, data, cache, max_steps=1)  # another data folder (and views back to 2)
+    assert "different data, views" in messages(info)
+    fit_cached(tmp_path, data, cache, max_steps=1)
+    assert "using" in messages(info)
+    first = sorted((data / "class_0").iterdir())[0]
+    first.write_bytes(sorted((data / "class_1").iterdir())[0].read_bytes())  # a file rewritten in place
+    os.utime(first, ns=(1, 1))
+    fit_cached(tmp_path, data, cache, max_steps=1)
+    assert "built for a different data" in messages(info)
+
+    logits = cache / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:-40])  # truncated
+    fit_cached(tmp_path, data, cache, max_steps=1)
+    assert "damaged or truncated" in messages(info)
+    assert TeacherLogitsStore(cache).stale_reason(TeacherLogitsStore(cache).manifest["parts"]) is None
+
+    (cache / "manifest.json").unlink()  # a build that did not finish
+    fit_cached(tmp_path, data, cache, max_steps=1)
+    assert "partial cache" in messages(info)
+
+
+def test_settings_that_would_pair_logits_with_other_images_are_refused(tmp_path, folder):
+    cache = str(tmp_path / "cache")
+    for kwargs, words in (({"mixup_alpha": 0.2}, "mixup_alpha=0.2"), ({"noise_std": 0.1}, "noise_std=0.1")):
+        with pytest.raises(ValueError, match=words):
+            trainer(tmp_path, [TeacherCache(cache)]).fit(module(), datamodule(folder, **kwargs))
+    hint = [CrossEntropy(0.5), HintonKD(0.5), Hint(student_layer="1", teacher_layer="1")]
+    with pytest.raises(ValueError, match="tap teacher layers"):
+        trainer(tmp_path, [TeacherCache(cache)]).fit(module(terms=hint), datamodule(folder))
+    with pytest.raises(ValueError, match="several teacher heads"):
+        trainer(tmp_path, [TeacherCache(cache)]).fit(module(teacher_weights=[1.0, 0.3]), datamodule(folder))
+
+    class NumpyJitter(nn.Module):  # randomness from numpy's generator: not replayable from a seed
+        def forward(self, x):
+            return x + float(np.random.rand())
+
+    dm = datamodule(folder)
+    tf = dm.train_transform
+    dm.train_transform = lambda: torch.nn.Sequential(tf(), NumpyJitter())
+    with pytest.raises(ValueError, match="cannot replay"):
+        trainer(tmp_path, [TeacherCache(cache)]).fit(module(), dm)
+    assert not Path(cache).exists()  # refused before anything was written
+
+    for kwargs in ({"views": 0}, {"dtype": "int8"}, {"top_k": 0}, {"precision": "8"}, {"dirpath": ""}):
+        with pytest.raises(ValueError, match="TeacherCache"):
+            TeacherCache(**{"dirpath": cache, **kwargs})
+
+
+class SaveState(Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.out)
+
+
+def _ddp_run(tmp_path: Path, root: Path, devices: int, batch_size: int) -> dict[str, torch.Tensor]:
+    pl.seed_everything(0)
+    out = tmp_path / f"state_{devices}.pt"
+    dm = datamodule(root, batch_size=batch_size, val_fraction=0.25)
+    pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto", max_steps=3,
+               logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               limit_val_batches=0, default_root_dir=tmp_path,
+               callbacks=[TeacherCache(str(tmp_path / f"cache_{devices}"), views=2, dtype="float32"),
+                          SaveState(out)]).fit(module(), dm)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_available(),
+                    reason="needs fork and torch.distributed (gloo)")
+def test_two_process_ddp_from_the_cache_equals_one_process(tmp_path, folder):
+    two = _ddp_run(tmp_path, folder, devices=2, batch_size=3)  # built rank by rank, 3 rows per rank and step
+    one = _ddp_run(tmp_path, folder, devices=1, batch_size=6)  # the same 6 rows per step in one process
+    a = np.load(tmp_path / "cache_2" / "logits.npy")
+    b = np.load(tmp_path / "cache_1" / "logits.npy")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert set(one) == set(two)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-5, msg=key)
