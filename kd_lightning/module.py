@@ -437,7 +437,8 @@ class DistillationModule(_TrainableModule):
             bfloat16 / float16 on the input's device, whatever the trainer's precision, and its logits come back
             as float32, so the loss terms stay in float32 (its tapped features stay in the low precision; the
             feature losses cast them to float32). Saves time and memory for a large teacher. ``"16"`` on a CPU
-            uses CPU float16 autocast (supported but slow); prefer ``"bf16"`` there.
+            uses CPU float16 autocast (slow; a torch without it warns and runs the teacher in float32); prefer
+            ``"bf16"`` there.
         channels_last: run student, teacher and 4-D images in ``torch.channels_last`` memory format (faster
             convolutions on recent GPUs under mixed precision). Only during a trainer's run: checkpoints, exports
             and ``module.student`` outside the trainer are unchanged.
