@@ -157,8 +157,8 @@ class _TrainableModule(LightningModule):
         self._compile_kwargs: dict[str, Any] | None = None
         # (network, its torch.compile wrapper), made at the first step. A plain tuple, not an attribute holding the
         # wrapper: torch.compile returns an nn.Module, which would register as a child and add `_orig_mod.` keys to
-        # state_dict(), and a second path to the same parameters for DDP. The wrapper shares the network's
-        # parameters, so DDP (wrapping this LightningModule) reduces the network's gradients as usual.
+        # state_dict() and second names for the same parameters. The wrapper shares the network's parameters,
+        # so the optimizer and DDP (which wraps this LightningModule) see and reduce them once, as usual.
         self._compiled: tuple[nn.Module, Callable[..., Any]] | None = None
 
     # -- GPU paths: channels_last memory format, torch.compile ------------------------------------------------
