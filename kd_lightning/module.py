@@ -6,10 +6,11 @@ metrics and logging, so a KD student and its scratch baseline are measured the s
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
-from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Literal, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
@@ -29,6 +30,8 @@ from kd_lightning.models.loading import load_model
 from kd_lightning.seeding import derive_seed, run_seed
 
 IGNORE_INDEX = -100  # the label of an unlabelled row (cross-entropy's ignore_index)
+# teacher_precision -> the autocast dtype of the teacher's forward pass (None: no autocast of its own)
+TEACHER_PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 def as_heads(output: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -77,6 +80,26 @@ def count_outputs(model: nn.Module, input_shape: Sequence[int]) -> int:
             return as_heads(model(x))[0].shape[-1]
     finally:
         model.train(was_training)
+
+
+def compile_options(value: bool | Mapping[str, Any] | None, arg: str) -> dict[str, Any] | None:
+    """``compile_student``/``compile_model`` as ``torch.compile`` keyword arguments: ``False`` -> None (no
+    compilation), ``True`` -> ``{}`` (torch's defaults: the inductor backend), a mapping -> its items, checked
+    against ``torch.compile``'s own parameters so that a typo is an error at construction, not at the first step."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        value = value.as_dict()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{arg} must be true, false or a dict of torch.compile arguments (e.g. "
+                         f"{{mode: max-autotune}}), got {value!r}.")
+    valid = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = [key for key in value if key not in valid]
+    if unknown:
+        raise ValueError(f"{arg}: {unknown} are not torch.compile arguments; valid: {', '.join(valid)}.")
+    return dict(value)
 
 
 def flat_hparams(params: Any, prefix: str = "") -> dict[str, Any]:
@@ -130,6 +153,45 @@ class _TrainableModule(LightningModule):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}.")
         self.num_classes = num_classes
+        self._channels_last = False
+        self._compile_kwargs: dict[str, Any] | None = None
+        # (network, its torch.compile wrapper), made at the first step. A plain tuple, not an attribute holding the
+        # wrapper: torch.compile returns an nn.Module, which would register as a child and add `_orig_mod.` keys to
+        # state_dict() and second names for the same parameters. The wrapper shares the network's parameters,
+        # so the optimizer and DDP (which wraps this LightningModule) see and reduce them once, as usual.
+        self._compiled: tuple[nn.Module, Callable[..., Any]] | None = None
+
+    # -- GPU paths: channels_last memory format, torch.compile ------------------------------------------------
+    def _set_gpu_paths(self, channels_last: bool, compile_value: bool | Mapping[str, Any] | None,
+                       compile_arg: str) -> None:
+        """Validate and keep ``channels_last`` and the ``torch.compile`` arguments of the trainable network."""
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be true or false, got {channels_last!r}.")
+        self._channels_last = channels_last
+        self._compile_kwargs = compile_options(compile_value, compile_arg)
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """The step's images in the networks' memory format: channels_last for 4-D inputs when asked (a copy in
+        another layout: same values), else ``x`` itself."""
+        if self._channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def run_trainable(self, x: Tensor) -> Any:
+        """The trainable network's output on ``x`` in the training/validation/test steps: through its
+        ``torch.compile`` wrapper when compilation is on (made here, at the first call, and remade if the network
+        was replaced), else the plain network. ``forward``, exports and evaluation use the plain network."""
+        if self._compile_kwargs is None:
+            return self.trainable_module()(x)
+        network = self.trainable_module()
+        if self._compiled is None or self._compiled[0] is not network:
+            self._compiled = (network, torch.compile(network, **self._compile_kwargs))
+        return self._compiled[1](x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_compiled"] = None  # compiled code does not pickle; it is remade at the next step
+        return state
 
     # -- optimization -------------------------------------------------------------------------------------
     def trainable_module(self) -> nn.Module:
@@ -241,6 +303,14 @@ class _TrainableModule(LightningModule):
         if input_shape is not None:
             self.check_input_shape(input_shape)
             self.example_input_array = torch.zeros(1, *input_shape)  # in/out sizes and FLOPs in ModelSummary
+        if self._channels_last:
+            # For the trainer's run only (undone in teardown): the 4-D weights change layout, not value, so
+            # state_dict() keys and values are the same and a module out of a trainer is in the default layout.
+            self.to(memory_format=torch.channels_last)
+
+    def teardown(self, stage: str) -> None:
+        if self._channels_last:
+            self.to(memory_format=torch.contiguous_format)
 
 
 class ClassifierModule(_TrainableModule):
@@ -256,6 +326,11 @@ class ClassifierModule(_TrainableModule):
         model_kwargs: extra arguments of the zoo builder.
         pretrained: start from torchvision's ImageNet weights (fine-tuning; needs internet once).
         checkpoint: start from these weights (a Lightning .ckpt or a state_dict file).
+        channels_last: run the network and 4-D images in ``torch.channels_last`` memory format (faster
+            convolutions on recent GPUs under mixed precision); checkpoints are unchanged.
+        compile_model: ``torch.compile`` the network for the training/validation/test steps: ``true`` (the
+            default inductor backend) or a dict of ``torch.compile`` arguments (e.g. ``{mode: max-autotune}``).
+            Checkpoint keys are unchanged (no ``_orig_mod.``) and ``module.model`` stays the plain network.
     """
 
     def __init__(self, model: str | nn.Module = "resnet18", num_classes: int | None = None,
@@ -265,9 +340,11 @@ class ClassifierModule(_TrainableModule):
                  optimizer: Literal["sgd", "adamw", "adam"] = "sgd", lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 5e-4, nesterov: bool = False,
                  lr_scheduler: Literal["none", "cosine", "step", "multistep"] = "cosine", warmup_epochs: int = 0,
-                 step_size: int = 30, milestones: Sequence[int] = (), gamma: float = 0.1) -> None:
+                 step_size: int = 30, milestones: Sequence[int] = (), gamma: float = 0.1,
+                 channels_last: bool = False, compile_model: bool | dict[str, Any] = False) -> None:
         super().__init__(num_classes, optimizer, lr, momentum, weight_decay, nesterov, lr_scheduler,
                          warmup_epochs, step_size, milestones, gamma)
+        self._set_gpu_paths(channels_last, compile_model, "compile_model")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model = model if isinstance(model, nn.Module) else load_model(
             model, num_classes, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
@@ -293,14 +370,14 @@ class ClassifierModule(_TrainableModule):
         return sum(w * hard_loss(h, y, IGNORE_INDEX) for w, h in zip(weights, heads))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch[0], batch[1]
-        loss = self._loss(as_heads(self.model(x)), y)
+        x, y = self.prepare_input(batch[0]), batch[1]
+        loss = self._loss(as_heads(self.run_trainable(x)), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
-        x, y = batch[0], batch[1]
-        heads = as_heads(self.model(x))
+        x, y = self.prepare_input(batch[0]), batch[1]
+        heads = as_heads(self.run_trainable(x))
         self.log(f"{stage}/loss", self._loss(heads, y), sync_dist=True)
         self.metrics[stage]["acc"].update(heads[0], y)
         return heads[0]
@@ -355,6 +432,20 @@ class DistillationModule(_TrainableModule):
             (from Python) are not saved as hyperparameters: pass them again to ``load_from_checkpoint``.
         temperature: Hinton KD's temperature when ``terms`` is not given (default 4).
         alpha: the soft term's weight when ``terms`` is not given (default 0.9).
+        teacher_precision: ``"32"`` (default): the teacher runs as everything else does (under the trainer's
+            ``precision``). ``"bf16"`` / ``"16"``: the teacher's forward pass runs under ``torch.autocast`` in
+            bfloat16 / float16 on the input's device, whatever the trainer's precision, and its logits come back
+            as float32, so the loss terms stay in float32 (its tapped features stay in the low precision; the
+            feature losses cast them to float32). Saves time and memory for a large teacher. ``"16"`` on a CPU
+            uses CPU float16 autocast (slow; a torch without it warns and runs the teacher in float32); prefer
+            ``"bf16"`` there.
+        channels_last: run student, teacher and 4-D images in ``torch.channels_last`` memory format (faster
+            convolutions on recent GPUs under mixed precision). Only during a trainer's run: checkpoints, exports
+            and ``module.student`` outside the trainer are unchanged.
+        compile_student: ``torch.compile`` the student (never the teacher) for the training/validation/test
+            steps: ``true`` (the default inductor backend) or a dict of ``torch.compile`` arguments (e.g.
+            ``{mode: max-autotune}``). ``module.student`` stays the plain network that exports and evaluation use,
+            checkpoint keys are unchanged (no ``_orig_mod.``) and checkpoints of non-compiled runs load as before.
     """
 
     def __init__(self, student: str | nn.Module = "flowers_cnn", teacher: str | nn.Module = "resnet18",
@@ -366,7 +457,9 @@ class DistillationModule(_TrainableModule):
                  weight_decay: float = 5e-4, nesterov: bool = False,
                  lr_scheduler: Literal["none", "cosine", "step", "multistep"] = "cosine", warmup_epochs: int = 0,
                  step_size: int = 30, milestones: Sequence[int] = (), gamma: float = 0.1,
-                 terms: list[DistillationTerm] | None = None) -> None:
+                 terms: list[DistillationTerm] | None = None,
+                 teacher_precision: Literal["32", "bf16", "16"] = "32", channels_last: bool = False,
+                 compile_student: bool | dict[str, Any] = False) -> None:
         if num_classes is None and isinstance(teacher, nn.Module):
             # from Python, networks given as modules: the class count is the teacher's head width
             num_classes = head_width(teacher)
@@ -400,6 +493,12 @@ class DistillationModule(_TrainableModule):
                 raise ValueError(f"temperature must be > 0, got {temperature}.")
             if not 0.0 <= alpha <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        teacher_precision = str(teacher_precision)  # YAML may give 32 or 16 as a number
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"teacher_precision must be one of {', '.join(map(repr, TEACHER_PRECISIONS))} "
+                             f"(float32, bfloat16 or float16 autocast of the teacher), got {teacher_precision!r}.")
+        self._teacher_dtype = TEACHER_PRECISIONS[teacher_precision]
+        self._set_gpu_paths(channels_last, compile_student, "compile_student")
         if teacher_pretrained and num_classes != 1000:
             raise ValueError(
                 f"teacher_pretrained=True gives an ImageNet teacher with 1000 classes, but the data has {num_classes}."
@@ -585,10 +684,20 @@ class DistillationModule(_TrainableModule):
         """The student's logits: what ships."""
         return as_heads(self.student(x))[0]
 
+    def teacher_autocast(self, x: Tensor) -> ContextManager[Any]:
+        """The autocast of the teacher's forward pass on ``x`` (``teacher_precision``); none for ``"32"``."""
+        if self._teacher_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self._teacher_dtype)
+
     def teacher_logits(self, x: Tensor) -> list[Tensor]:
-        """The teacher's heads on ``x`` (main first). Offline KD replaces this with logits read from the batch."""
-        with torch.no_grad():
-            return as_heads(self.teacher(x))
+        """The teacher's heads on ``x`` (main first). Offline KD replaces this with logits read from the batch.
+        With a low ``teacher_precision`` they are cast back to float32: the loss terms see float32 logits."""
+        with torch.no_grad(), self.teacher_autocast(x):
+            heads = as_heads(self.teacher(x))
+        if self._teacher_dtype is None:
+            return heads  # "32": exactly as before, whatever the trainer's precision
+        return [head.float() for head in heads]
 
     # -- steps ------------------------------------------------------------------------------------------------
     def _forward_both(self, batch: Any) -> StepOutputs:
@@ -596,7 +705,7 @@ class DistillationModule(_TrainableModule):
         outputs come from hooks in those same passes. A batch with cached ``teacher_logits`` skips the teacher's
         pass unless a term taps teacher layers."""
         b = as_batch(batch)
-        x = b.images
+        x = self.prepare_input(b.images)
         student_features: dict[str, Tensor] = {}
         teacher_features: dict[str, Tensor] = {}
         with ExitStack() as stack:
@@ -608,7 +717,7 @@ class DistillationModule(_TrainableModule):
                 teacher_heads = [b.teacher_logits.detach()]  # offline distillation: logits read from the batch
             else:
                 teacher_heads = self.teacher_logits(x)
-            student_logits = as_heads(self.student(x))[0]  # (B, K)
+            student_logits = as_heads(self.run_trainable(x))[0]  # (B, K)
         return StepOutputs(student_logits, teacher_heads, b.targets, student_features, teacher_features,
                            epoch=self.current_epoch, index=b.index)
 
