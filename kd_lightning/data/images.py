@@ -10,8 +10,8 @@
   decoders (about 2x PIL's speed on 128 px JPEGs), falling back to PIL for other formats.
 * :class:`ImageDataset` turns items (paths, or indices into an array) into ``(transform(image), label)``.
 * :class:`ImageClassificationDataModule` is the shared base: ``torchvision.transforms.v2`` pipelines
-  (per-dataset geometry from the subclass, optional AutoAugment/RandAugment/TrivialAugment, normalize) and
-  ``unlabelled_dir``.
+  (per-dataset geometry from the subclass, optional AutoAugment/RandAugment/TrivialAugment, normalize),
+  ``unlabelled_dir`` and ``decoded_cache`` (files decoded once, :mod:`kd_lightning.data.decoded`).
 """
 
 from __future__ import annotations
