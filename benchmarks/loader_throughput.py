@@ -15,6 +15,13 @@ Arguments after the script's own (``--batches``, ``--steps``, ``--workers``) are
 
 The loader/step ratio says how much headroom decoding has: above 1 it can keep up (with workers it runs in
 parallel with the step; with ``num_workers=0`` the two times add up, which ``fit`` shows).
+
+``--decoded-cache DIR`` also times the loader of the same DataModule with ``decoded_cache: DIR`` (images decoded
+once into a memory-mapped file, :mod:`kd_lightning.data.decoded`; built first when needed, not timed), prints
+the decoded/JPEG ratio, and runs ``step`` and ``fit`` on it:
+
+    python benchmarks/loader_throughput.py --decoded-cache /tmp/dc --workers 0 1 \
+        --config experiments/flowers/base.yaml --config experiments/flowers/scratch.yaml
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps timed")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="num_workers values to time the loader with (default: the config's)")
+    parser.add_argument("--decoded-cache", metavar="DIR", default=None,
+                        help="also time the loader reading from a decoded-image cache in DIR (built when needed)")
     args, cli_args = parser.parse_known_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*in eval mode at the start of training.*")
@@ -85,11 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data: {type(dm).__name__} input {dm.input_shape}, batch {bs}, {len(dm.train_set)} training rows; "
           f"model: {type(module).__name__}; torch threads: {torch.get_num_threads()}")
 
+    source = "JPEG files"
+    worker_counts = args.workers if args.workers is not None else [dm.num_workers]
     rates = {}
-    for workers in args.workers if args.workers is not None else [dm.num_workers]:
+    for workers in worker_counts:
         dm.num_workers, dm.persistent_workers = workers, False
         rates[workers] = loader_rate(dm.train_dataloader(), args.batches)
         print(f"loader alone, num_workers={workers}: {rates[workers]:8.1f} images/s")
+    if args.decoded_cache is not None:
+        jpeg, source = rates, "decoded cache"
+        dm = cli_main([*cli_args, "--data.init_args.decoded_cache", args.decoded_cache], run=False).datamodule
+        dm.prepare_data()  # builds the cache when it is missing or stale (not timed)
+        dm.setup("fit")
+        rates = {}
+        for workers in worker_counts:
+            dm.num_workers, dm.persistent_workers = workers, False
+            rates[workers] = loader_rate(dm.train_dataloader(), args.batches)
+            print(f"loader alone, decoded cache, num_workers={workers}: {rates[workers]:8.1f} images/s "
+                  f"({rates[workers] / jpeg[workers]:.1f}x the JPEG loader)")
 
     dm.num_workers = 0
     batches = [next(iter(dm.train_dataloader())) for _ in range(4)]
@@ -100,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     best_workers = max(rates, key=rates.get)
     dm.num_workers = best_workers
     fit = fit_rate(module, args.steps, bs, datamodule=dm)
-    print(f"fit on the DataModule (num_workers={best_workers}): {fit:8.1f} images/s")
+    print(f"fit on the DataModule ({source}, num_workers={best_workers}): {fit:8.1f} images/s")
     for workers, rate in rates.items():
-        print(f"ratio loader/step (num_workers={workers}): {rate / step:.1f}x")
+        print(f"ratio loader/step ({source}, num_workers={workers}): {rate / step:.1f}x")
 
 
 if __name__ == "__main__":

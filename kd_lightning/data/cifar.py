@@ -51,7 +51,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         padding: RandomCrop padding (4 at 32 px).
         download: torchvision mode: fetch the data in ``prepare_data`` when missing (needs internet).
         **kwargs: see :class:`~kd_lightning.data.images.ImageClassificationDataModule` (``auto_augment``,
-            ``unlabelled_dir``, ``verify_images``, ``mean``/``std``) and
+            ``unlabelled_dir``, ``verify_images``, ``mean``/``std``, ``decoded_cache``) and
             :class:`~kd_lightning.data.base.ClassificationDataModule` (loader settings, ``labelled_fraction``,
             ``use_unlabelled``, ``split_seed``, ``noise_std``, ``mixup_alpha``, ``cutmix_alpha``).
     """
@@ -109,6 +109,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         if self.source == "torchvision" and self.download:
             for train in (True, False):
                 self._torchvision_class()(str(self.root), train=train, download=True)
+        super().prepare_data()  # the decoded-image cache of an image-folder copy (torchvision's arrays need none)
 
     def find_splits(self) -> tuple[Split, Split, Split | None]:
         if self._splits is not None:

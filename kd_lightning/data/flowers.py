@@ -38,7 +38,7 @@ class FlowersDataModule(ImageClassificationDataModule):
         download: fetch the data in ``prepare_data`` when it is missing (needs internet): flower_photos
             (``root`` must then end in ``flower_photos``; the archive is unpacked beside it) or Flowers-102.
         **kwargs: see :class:`~kd_lightning.data.images.ImageClassificationDataModule` (``auto_augment``,
-            ``unlabelled_dir``, ``verify_images``, ``mean``/``std``) and
+            ``unlabelled_dir``, ``verify_images``, ``mean``/``std``, ``decoded_cache``) and
             :class:`~kd_lightning.data.base.ClassificationDataModule` (loader settings, ``labelled_fraction``,
             ``use_unlabelled``, ``split_seed``, ``noise_std``, ``mixup_alpha``, ``cutmix_alpha``).
     """
@@ -86,17 +86,16 @@ class FlowersDataModule(ImageClassificationDataModule):
         self.class_names, self._splits = names, (train, val, test)
 
     def prepare_data(self) -> None:
-        if not self.download:
-            return
-        if self.dataset == "flowers102":
+        if self.download and self.dataset == "flowers102":
             from torchvision.datasets import Flowers102
 
             Flowers102(str(self.root), split="train", download=True)
-        elif not self.root.exists():
+        elif self.download and not self.root.exists():
             from torchvision.datasets.utils import download_and_extract_archive
 
             download_and_extract_archive(FLOWER_PHOTOS_URL, download_root=str(self.root.parent),
                                          remove_finished=True)
+        super().prepare_data()  # the decoded-image cache, once the files are there
 
     def find_splits(self) -> tuple[Split, Split, Split | None]:
         if self.dataset == "flowers102":

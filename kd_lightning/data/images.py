@@ -10,8 +10,8 @@
   decoders (about 2x PIL's speed on 128 px JPEGs), falling back to PIL for other formats.
 * :class:`ImageDataset` turns items (paths, or indices into an array) into ``(transform(image), label)``.
 * :class:`ImageClassificationDataModule` is the shared base: ``torchvision.transforms.v2`` pipelines
-  (per-dataset geometry from the subclass, optional AutoAugment/RandAugment/TrivialAugment, normalize) and
-  ``unlabelled_dir``.
+  (per-dataset geometry from the subclass, optional AutoAugment/RandAugment/TrivialAugment, normalize),
+  ``unlabelled_dir`` and ``decoded_cache`` (files decoded once, :mod:`kd_lightning.data.decoded`).
 """
 
 from __future__ import annotations
@@ -328,6 +328,13 @@ class ImageClassificationDataModule(ClassificationDataModule):
             ignored), added to the training set as unlabelled rows (label -100) when ``use_unlabelled``.
         verify_images: check every file at construction and leave out unreadable ones with one warning.
         mean, std: normalization (default: the dataset's).
+        decoded_cache: a folder for decoded-image caches (:mod:`kd_lightning.data.decoded`): the images of the
+            train/val/test splits that are files are decoded once into ``<decoded_cache>/splits`` (all of their
+            files together, so another split of the same files reuses it), those of ``unlabelled_dir`` into
+            ``<decoded_cache>/unlabelled``, and served from there (the same tensors as decoding the files).
+            Built in ``prepare_data`` (or ``setup`` when that was not called), checked against the files'
+            sizes and mtimes on every run, and rebuilt when they changed. Use one folder per data set. Splits
+            held as arrays (CIFAR through torchvision) are already decoded and are left as they are.
         **kwargs: see :class:`~kd_lightning.data.base.ClassificationDataModule`.
     """
 
@@ -338,9 +345,13 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def __init__(self, image_size: int, auto_augment: AutoAugment = "none", unlabelled_dir: str | None = None,
                  verify_images: bool = True, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, **kwargs: Any) -> None:
+                 std: Sequence[float] | None = None, decoded_cache: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         name = type(self).__name__
+        if decoded_cache is not None and (not str(decoded_cache) or Path(decoded_cache).is_file()):
+            problem = "is empty" if not str(decoded_cache) else f"'{decoded_cache}' is a file"
+            raise ValueError(f"{name}: decoded_cache {problem}; give a folder (created when missing) for the "
+                             "decoded images, or null for none.")
         if image_size < self.min_image_size:
             raise ValueError(f"{name}: image_size={image_size} is too small; use at least {self.min_image_size} "
                              "(and what the model needs: 32 for the CIFAR networks, 64-224 for ImageNet ones).")
@@ -359,7 +370,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.std = tuple(std) if std is not None else self.default_std
         self.input_shape = (3, image_size, image_size)
         self.unlabelled_dir = unlabelled_dir
+        self.decoded_cache = decoded_cache
         self._unlabelled_paths: list[Path] = []
+        self._unlabelled_load: Callable[[Any], Tensor] = decode_image_file  # the cache's, after setup
         if unlabelled_dir is not None and self.use_unlabelled:
             self._unlabelled_paths = scan_image_folder(unlabelled_dir, what=f"{name} unlabelled_dir",
                                                        verify=verify_images)
@@ -404,9 +417,40 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
         return v2.Compose([*self.eval_geometry(), *self._normalize()])
 
+    # -- decoded-image caches -----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Build the decoded-image caches (Lightning calls this once per node, before ``setup``)."""
+        if self.decoded_cache is not None:
+            self._decoded_caches()
+
+    def _decoded_caches(self) -> dict[str, Any]:
+        """``{"splits": ..., "unlabelled": ...}``: the opened (built if needed) caches, None where a source has no
+        files to cache (splits that are arrays, no ``unlabelled_dir``)."""
+        from kd_lightning.data.decoded import DecodedImages
+
+        splits = [s for s in self.find_splits() if s is not None and s.load is decode_image_file]
+        files = sorted({os.fspath(p) for s in splits for p in s.items})
+        unlabelled = sorted({os.fspath(p) for p in self._unlabelled_paths})
+        folder = Path(self.decoded_cache)  # type: ignore[arg-type]
+        return {"splits": DecodedImages.open(folder / "splits", files) if files else None,
+                "unlabelled": DecodedImages.open(folder / "unlabelled", unlabelled) if unlabelled else None}
+
     # -- datasets -----------------------------------------------------------------------------------------------
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset | None, list[int]]:
         train, val, test = self.find_splits()
+        if self.decoded_cache is not None:
+            caches = self._decoded_caches()
+            unlabelled = caches["unlabelled"]
+            self._unlabelled_load = unlabelled if unlabelled is not None else decode_image_file
+
+            def cached(split: Split) -> Split:
+                if split.load is not decode_image_file or caches["splits"] is None:
+                    return split  # an array (already decoded) or another loader: as it is
+                return Split(split.items, split.labels, caches["splits"])
+
+            same = test is val
+            train, val = cached(train), cached(val)
+            test = val if same else None if test is None else cached(test)
         train_tf, eval_tf = self.train_transform(), self.eval_transform()
         val_set = ImageDataset(val.items, val.labels, eval_tf, val.load)
         test_set = None if test is None else val_set if test is val else \
@@ -431,7 +475,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         if not self._unlabelled_paths:
             return None
         return ImageDataset(self._unlabelled_paths, [UNLABELLED] * len(self._unlabelled_paths),
-                            self.train_transform())
+                            self.train_transform(), self._unlabelled_load)
 
 
 class FitSize(torch.nn.Module):
