@@ -121,9 +121,12 @@ class TeacherCache(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        datamodule = trainer.datamodule
+        if stage == "fit":
+            self.attach(pl_module, trainer.datamodule, trainer)
+
+    def attach(self, pl_module: Any, datamodule: Any, trainer: pl.Trainer | None = None) -> None:
+        """Check, build the cache when it is missing or stale, and have ``datamodule``'s training loader serve the
+        cached views. ``trainer`` gives the ranks and the device; None: one process, the teacher's device."""
         random_views = self.check_settings(pl_module, datamodule)
         train_set = datamodule.train_set
         if not random_views and self.views > 1:
@@ -131,32 +134,32 @@ class TeacherCache(Callback):
                            "are the same image; views: 1 caches the same information at 1/K of the cost.")
         parts = self.parts(pl_module, datamodule)
         self.fingerprint = fingerprint(parts)
+        ranks = _Ranks(trainer, pl_module)
         store = TeacherLogitsStore(self.dirpath)
-        reason = store.stale_reason(parts) if trainer.is_global_zero else None
-        reason = trainer.strategy.broadcast(reason, src=0)
+        reason = ranks.broadcast(store.stale_reason(parts) if ranks.is_global_zero else None)
         if reason is None:
             rank_zero_info(f"TeacherCache: using the cached teacher logits in '{self.dirpath}' "
                            f"({len(train_set)} rows x {self.views} views).")
         else:
             rank_zero_info(f"TeacherCache: building the teacher cache in '{self.dirpath}' ({len(train_set)} rows x "
                            f"{self.views} views) because {reason}.")
-            self.build(trainer, pl_module, datamodule, parts)
+            self.build(ranks, pl_module, datamodule, parts)
         datamodule.attach_teacher_cache(TeacherLogitsStore(self.dirpath), self.seed, self.views)
 
-    def build(self, trainer: pl.Trainer, pl_module: Any, datamodule: Any, parts: dict[str, str]) -> None:
+    def build(self, ranks: "_Ranks", pl_module: Any, datamodule: Any, parts: dict[str, str]) -> None:
         """Every rank runs the teacher on its rows' views (rows ``rank::world``) into the shared memory-mapped
         file; rank 0 creates it first and writes the manifest last."""
         start = time.perf_counter()
         train_set = datamodule.train_set
-        rows, rank, world = len(train_set), trainer.global_rank, trainer.world_size
+        rows = len(train_set)
         store = TeacherLogitsStore(self.dirpath)
-        if trainer.is_global_zero:
+        if ranks.is_global_zero:
             store.create(rows, self.views, pl_module.num_classes, self.dtype, self.top_k)
-        trainer.strategy.barrier("teacher_cache_created")
+        ranks.barrier("teacher_cache_created")
         store.open_for_writing(self.top_k)
-        device = trainer.strategy.root_device
-        teacher = pl_module.teacher.to(device)  # the strategy moves the whole module there next anyway
-        pairs = [(i, v) for i in range(rank, rows, world) for v in range(self.views)]
+        device = ranks.device
+        pl_module.teacher.to(device)  # under a trainer, the strategy moves the whole module there next anyway
+        pairs = [(i, v) for i in range(ranks.rank, rows, ranks.world) for v in range(self.views)]
         loader = DataLoader(ViewsToCache(train_set, pairs, self.seed), batch_size=self.batch_size or
                             datamodule.batch_size, shuffle=False, num_workers=datamodule.num_workers)
         dtype = _AUTOCAST[self.precision]
@@ -166,11 +169,10 @@ class TeacherCache(Callback):
                 heads = pl_module.teacher_logits(images.to(device))
                 store.write(index.tolist(), view.tolist(), heads[0].float(), self.top_k)
         store.flush()
-        trainer.strategy.barrier("teacher_cache_written")
-        if trainer.is_global_zero:
+        ranks.barrier("teacher_cache_written")
+        if ranks.is_global_zero:
             store.finish(rows, self.views, pl_module.num_classes, self.dtype, self.top_k, parts)
-        trainer.strategy.barrier("teacher_cache_finished")
-        del teacher
+        ranks.barrier("teacher_cache_finished")
         rank_zero_info(f"TeacherCache: {rows * self.views} views cached in {time.perf_counter() - start:.1f} s.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -188,3 +190,24 @@ class TeacherCache(Callback):
             rank_zero_warn("TeacherCache: this run was checkpointed with another teacher cache (fingerprint "
                            f"{saved[:12]} != {self.fingerprint[:12]}): the resumed run distils from other logits "
                            "than the interrupted one.")
+
+
+class _Ranks:
+    """The trainer's ranks, device, barrier and broadcast; one process on the teacher's device without one."""
+
+    def __init__(self, trainer: pl.Trainer | None, pl_module: Any) -> None:
+        self.trainer = trainer
+        self.rank, self.world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.is_global_zero = self.rank == 0
+        if trainer is not None:
+            self.device = trainer.strategy.root_device
+        else:
+            param = next(pl_module.teacher.parameters(), None)
+            self.device = param.device if param is not None else torch.device("cpu")
+
+    def barrier(self, name: str) -> None:
+        if self.trainer is not None:
+            self.trainer.strategy.barrier(name)
+
+    def broadcast(self, value: Any) -> Any:
+        return value if self.trainer is None else self.trainer.strategy.broadcast(value, src=0)
