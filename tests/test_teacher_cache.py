@@ -268,3 +268,24 @@ def test_two_process_ddp_from_the_cache_equals_one_process(tmp_path, folder):
     assert set(one) == set(two)
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_a_run_resumed_from_a_checkpoint_replays_the_same_cached_views(tmp_path, folder):
+    """Kill-and-resume from the cache: one epoch, a checkpoint, a second epoch in a new process state, against
+    two uninterrupted epochs: the same weights (the view of each row in each epoch is a function of the run's seed,
+    the epoch and the row)."""
+    def run(epochs: int, ckpt: str | None = None) -> tuple[DistillationModule, pl.Trainer]:
+        pl.seed_everything(0)
+        model = module()
+        t = trainer(tmp_path, [TeacherCache(str(tmp_path / "cache"), views=3)], max_steps=-1, max_epochs=epochs)
+        t.fit(model, datamodule(folder), ckpt_path=ckpt)
+        return model, t
+
+    whole, _ = run(2)
+    half, t = run(1)
+    t.save_checkpoint(tmp_path / "epoch1.ckpt")
+    torch.manual_seed(123)  # a resumed process starts from other random states
+    resumed, _ = run(2, str(tmp_path / "epoch1.ckpt"))
+    assert not all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), whole.state_dict().values()))
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
