@@ -1,4 +1,5 @@
-"""Shared fixtures: real digits checkpoints written by a few optimizer steps (for evaluate and export)."""
+"""Shared fixtures: real digits checkpoints written by a few optimizer steps (for evaluate and export), and a
+fake of torchvision's CIFAR-10 files (they need a download)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,24 @@ def digits_checkpoints(tmp_path_factory) -> DigitsCheckpoints:
     state_dict = root / "student_state_dict.pt"
     torch.save(kd_module.student.state_dict(), state_dict)
     return DigitsCheckpoints(teacher, kd, scratch, state_dict)
+
+
+@pytest.fixture
+def fake_torchvision_cifar10(monkeypatch):
+    """``fake(root, train_rows, test_rows)``: ``CIFARDataModule(root)`` in torchvision mode reads random uint8
+    arrays of that many rows (labels ``i % 10``) instead of torchvision's downloaded files."""
+    import numpy as np
+
+    from kd_lightning.data import CIFARDataModule
+
+    def fake(root: Path, train_rows: int, test_rows: int) -> None:
+        class FakeCIFAR10:
+            def __init__(self, root, train, download=False):
+                n = train_rows if train else test_rows
+                self.data = np.random.default_rng(int(train)).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+                self.targets = [i % 10 for i in range(n)]
+
+        (Path(root) / "cifar-10-batches-py").mkdir(exist_ok=True)
+        monkeypatch.setattr(CIFARDataModule, "_torchvision_class", lambda self: FakeCIFAR10)
+
+    return fake

@@ -275,17 +275,8 @@ def test_real_cifar10_small():
 
 
 # -- torchvision sources (their files need a download: faked here) -------------------------------------------------
-def test_cifar_torchvision_mode_split(tmp_path, monkeypatch):
-    import numpy as np
-
-    class FakeCIFAR10:
-        def __init__(self, root, train, download=False):
-            n = 50 if train else 20
-            self.data = np.random.default_rng(int(train)).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
-            self.targets = [i % 10 for i in range(n)]
-
-    (tmp_path / "cifar-10-batches-py").mkdir()
-    monkeypatch.setattr(CIFARDataModule, "_torchvision_class", lambda self: FakeCIFAR10)
+def test_cifar_torchvision_mode_split(tmp_path, fake_torchvision_cifar10):
+    fake_torchvision_cifar10(tmp_path, 50, 20)
     dm = CIFARDataModule(str(tmp_path), val_fraction=0.2, labelled_fraction=0.5)
     assert dm.source == "torchvision" and dm.class_names == CIFAR10_CLASSES
     dm.setup()

@@ -198,15 +198,8 @@ def test_decoded_cache_must_be_a_folder(tmp_path, flowers):
         make_flowers(root, extra, decoded_cache="")
 
 
-def test_array_splits_are_left_as_they_are(tmp_path, monkeypatch, messages):
-    class FakeCIFAR10:
-        def __init__(self, root, train, download=False):
-            n = 30 if train else 10
-            self.data = np.random.default_rng(int(train)).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
-            self.targets = [i % 10 for i in range(n)]
-
-    (tmp_path / "cifar-10-batches-py").mkdir()
-    monkeypatch.setattr(CIFARDataModule, "_torchvision_class", lambda self: FakeCIFAR10)
+def test_array_splits_are_left_as_they_are(tmp_path, fake_torchvision_cifar10, messages):
+    fake_torchvision_cifar10(tmp_path, 30, 10)
     dm = CIFARDataModule(str(tmp_path), val_fraction=0.0, decoded_cache=str(tmp_path / "dc"))
     dm.prepare_data()
     dm.setup("fit")
