@@ -5,7 +5,6 @@ one-process run."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -153,14 +152,18 @@ def test_training_from_the_cache_runs_no_teacher_forward(tmp_path, folder):
 
 
 @pytest.fixture
-def info(caplog):
-    caplog.set_level(logging.INFO)
-    return caplog
+def info(monkeypatch) -> list[str]:
+    """The callback's info messages (it reports through rank_zero_info; logging levels depend on other tests)."""
+    import kd_lightning.callbacks.teacher_cache as module_under_test
+
+    seen: list[str] = []
+    monkeypatch.setattr(module_under_test, "rank_zero_info", lambda msg, *a, **k: seen.append(str(msg)))
+    return seen
 
 
-def messages(caplog) -> str:
-    text = "\n".join(r.getMessage() for r in caplog.records if "TeacherCache" in r.getMessage())
-    caplog.clear()
+def messages(seen: list[str]) -> str:
+    text = "\n".join(seen)
+    seen.clear()
     return text
 
 
