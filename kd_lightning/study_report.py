@@ -160,21 +160,34 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
 
     names = [f"{r['group']}\n{r['label']}" if r["group"] else r["label"] for r in rows]
     with_x = any(r.get("x") is not None for r in rows)
-    fig, axes = plt.subplots(1, 3 if with_x else 2, figsize=(18 if with_x else 12, 4.2), dpi=90)
+    many = len(rows) >= 8  # long lists: horizontal bars and legends under the panels, so that names stay readable
+    height = max(4.2, 0.42 * len(rows) + 1.5) if many else 4.2
+    fig, axes = plt.subplots(1, 3 if with_x else 2, figsize=(18 if with_x else 12, height), dpi=90)
     bars, lines = axes[0], axes[-1]
     x = range(len(rows))
     width = 0.38
-    for offset, key, label in ((-width / 2, "best_ckpt", "best.ckpt"), (width / 2, "last_ckpt", "last.ckpt")):
-        bars.bar([i + offset for i in x], [r[f"{key}_test_acc_mean"] for r in rows], width,
-                 yerr=[r[f"{key}_test_acc_std"] for r in rows], capsize=3, label=label)
     low = min(r[f"{k}_test_acc_mean"] - r[f"{k}_test_acc_std"] for r in rows for k in ("best_ckpt", "last_ckpt"))
-    bars.set_ylim(max(0.0, 5 * math.floor((low - 5) / 5)), 100)  # zoom in: the differences are what matter
-    bars.set_xticks(list(x), names, fontsize=8 if len(rows) < 8 else 6, rotation=0 if len(rows) < 8 else 60)
-    bars.set_ylabel("test accuracy (%)")
+    limits = (max(0.0, 5 * math.floor((low - 5) / 5)), 100)  # zoom in: the differences are what matter
+    for offset, key, label in ((-width / 2, "best_ckpt", "best.ckpt"), (width / 2, "last_ckpt", "last.ckpt")):
+        means, stds = [r[f"{key}_test_acc_mean"] for r in rows], [r[f"{key}_test_acc_std"] for r in rows]
+        if many:
+            bars.barh([i - offset for i in x], means, width, xerr=stds, capsize=3, label=label)
+        else:
+            bars.bar([i + offset for i in x], means, width, yerr=stds, capsize=3, label=label)
+    if many:
+        bars.set_xlim(*limits)
+        bars.set_yticks(list(x), [n.replace("\n", ": ") for n in names], fontsize=7)
+        bars.invert_yaxis()  # the study's order, top to bottom
+        bars.set_xlabel("test accuracy (%)")
+        bars.grid(axis="x", alpha=0.3)
+    else:
+        bars.set_ylim(*limits)
+        bars.set_xticks(list(x), names, fontsize=8)
+        bars.set_ylabel("test accuracy (%)")
     bars.set_title("Test accuracy, mean ± std over seeds")
-    bars.legend(loc="upper right", fontsize=8)
+    bars.legend(loc="lower right" if many else "upper right", fontsize=8)
     if with_x:
-        _plot_against_x(axes[1], rows, x_label)
+        _plot_against_x(axes[1], rows, x_label, legend_below=many)
     for r, name in zip(rows, names):
         steps, means, stds = curves.get(r["run"], ([], [], []))
         if not steps:
@@ -188,14 +201,17 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
     lines.set_title("Validation accuracy, mean over seeds")
     lines.grid(alpha=0.3)
     if lines.lines:
-        lines.legend(fontsize=8)
+        if many:
+            lines.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+        else:
+            lines.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
-def _plot_against_x(ax: Any, rows: Sequence[dict[str, Any]], x_label: str) -> None:
+def _plot_against_x(ax: Any, rows: Sequence[dict[str, Any]], x_label: str, legend_below: bool = False) -> None:
     """best.ckpt test accuracy against each run's ``x``: a line (error bars: std over seeds) per label; a run
     without an x is a horizontal line (band: ± std) across the panel."""
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("x") is not None))
@@ -220,4 +236,7 @@ def _plot_against_x(ax: Any, rows: Sequence[dict[str, Any]], x_label: str) -> No
     ax.set_ylabel("test accuracy, best.ckpt (%)")
     ax.set_title("Test accuracy against " + x_label + " (* one seed)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend_below:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    else:
+        ax.legend(fontsize=8)
