@@ -212,22 +212,23 @@ def check_checkpoint_matches_config(checkpoint: dict[str, Any], model_config: An
                          f"a {config_class.rsplit('.', 1)[-1]} ({config_class}). Resume or test with the config the "
                          "checkpoint was trained with.")
     init_args = model_config.get("init_args") or {}
-    differ = [f"{key}: {saved[key]!r} in the checkpoint, {_plain(init_args.get(key))!r} in the config"
+    differ = [f"{key}: {saved[key]!r} in the checkpoint, {plain_value(init_args.get(key))!r} in the config"
               for key in _ARCHITECTURE_ARGS
-              if key in saved and key in init_args and _plain(init_args.get(key)) != _plain(saved[key])]
+              if key in saved and key in init_args and plain_value(init_args.get(key)) != plain_value(saved[key])]
     if differ:
         raise ValueError(f"--ckpt_path {path!r} was trained with another architecture than the config asks for "
                          f"({'; '.join(differ)}). Use the model settings of the run that wrote the checkpoint.")
 
 
-def _plain(value: Any) -> Any:
-    """jsonargparse Namespaces and tuples as plain dicts and lists, to compare with saved hyperparameters."""
+def plain_value(value: Any) -> Any:
+    """jsonargparse Namespaces and tuples as plain dicts and lists, as YAML gives them back: to compare a config's
+    values with saved hyperparameters or a signature's defaults (``(0.25, 1.0)`` equals ``[0.25, 1.0]``)."""
     if hasattr(value, "as_dict"):
         value = value.as_dict()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value
 
 

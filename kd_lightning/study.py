@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import yaml
 
+from kd_lightning.cli import plain_value
 from kd_lightning.study_report import (RunResult, mean_curve, plot_results, read_scalar_curve, summarize,
                                        to_markdown, write_results)
 
@@ -336,7 +337,7 @@ def non_default_settings(value: Any, default: Any = None) -> Any:
     if "class_path" in value:
         signature_defaults = _signature_defaults(str(value["class_path"]))
         init_args = {k: non_default_settings(v) for k, v in (value.get("init_args") or {}).items()
-                     if k not in signature_defaults or _plain(signature_defaults[k]) != _plain(v)}
+                     if k not in signature_defaults or plain_value(signature_defaults[k]) != plain_value(v)}
         return {"class_path": value["class_path"], **({"init_args": init_args} if init_args else {})}
     default = default if isinstance(default, dict) else {}
     out = {}
@@ -345,7 +346,7 @@ def non_default_settings(value: Any, default: Any = None) -> Any:
             section = non_default_settings(item, default.get(key))
             if section:
                 out[key] = section
-        elif key not in default or _plain(default[key]) != _plain(item):
+        elif key not in default or plain_value(default[key]) != plain_value(item):
             out[key] = non_default_settings(item)
     return out
 
@@ -366,15 +367,6 @@ def _signature_defaults(class_path: str) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty:
                 defaults.setdefault(p.name, p.default)
     return defaults
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, as YAML gives them back, so that a signature's ``(0.25, 1.0)`` equals ``[0.25, 1.0]``."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 # -- running ----------------------------------------------------------------------------------------------------

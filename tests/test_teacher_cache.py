@@ -211,6 +211,9 @@ def test_stale_or_partial_caches_are_rebuilt_with_a_message(tmp_path, folder, in
     fit_cached(tmp_path, data, cache, max_steps=1)
     assert "partial cache" in messages(info)
 
+    fit_cached(tmp_path, data, cache, precision="bf16", max_steps=1)  # logits of a bfloat16 teacher pass
+    assert "built for a different precision" in messages(info)
+
 
 def test_settings_that_would_pair_logits_with_other_images_are_refused(tmp_path, folder):
     cache = str(tmp_path / "cache")

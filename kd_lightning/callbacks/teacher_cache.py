@@ -12,8 +12,8 @@ the replay rule and the file format). Add it to a KD run's ``trainer.callbacks``
           init_args: {dirpath: logs/flowers_transfer/teacher_cache, views: 8}
 
 At ``setup`` of a fit, before anything trains, it fingerprints the teacher's weights, the training data, the
-transform, the cache seed, ``views`` and the storage. A matching, complete cache in ``dirpath`` is used as it is;
-anything else (none yet, a partial build, another teacher, other data or transforms, a damaged file) is rebuilt
+transform, the cache seed, ``views``, the storage and the teacher's precision. A matching, complete cache in
+``dirpath`` is used as it is; anything else (none yet, a partial build, another teacher, other data or transforms, a damaged file) is rebuilt
 there, with one message that says why. Under DDP every rank computes its share of the rows (rows ``r::world``)
 into one memory-mapped file; rank 0 writes the manifest last. Validation and test still run the teacher
 (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from kd_lightning.data.base import ClassificationDataModule
 from kd_lightning.data.teacher_cache import (
     TeacherLogitsStore,
     ViewsToCache,
@@ -43,8 +44,7 @@ from kd_lightning.data.teacher_cache import (
     describe_part,
     fingerprint,
 )
-
-_AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+from kd_lightning.module import TEACHER_PRECISIONS, DistillationModule
 
 
 class TeacherCache(Callback):
@@ -76,7 +76,7 @@ class TeacherCache(Callback):
             raise ValueError(f"TeacherCache: top_k must be >= 1 or null (every logit), got {top_k}.")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"TeacherCache: batch_size must be >= 1 or null (the DataModule's), got {batch_size}.")
-        if precision not in _AUTOCAST:
+        if precision not in TEACHER_PRECISIONS:
             raise ValueError(f"TeacherCache: precision must be '32', 'bf16' or '16', got {precision!r}.")
         self.dirpath, self.views, self.seed = str(dirpath), int(views), int(seed)
         self.dtype, self.top_k, self.batch_size, self.precision = dtype, top_k, batch_size, precision
@@ -87,9 +87,6 @@ class TeacherCache(Callback):
         """A clear error for a run the cache cannot serve, before anything is built or written (the
         ``kd-lightning`` command calls it before the trainer starts). Returns whether the training transform is
         random (False: every view of a row is the same image)."""
-        from kd_lightning.data.base import ClassificationDataModule
-        from kd_lightning.module import DistillationModule
-
         if not isinstance(pl_module, DistillationModule):
             raise ValueError(f"TeacherCache caches a teacher's logits: it needs a DistillationModule, got "
                              f"{type(pl_module).__name__}. Remove it from this run's callbacks.")
@@ -117,6 +114,8 @@ class TeacherCache(Callback):
         return {"teacher": pl_module.teacher_fingerprint(), "data": describe_part(description["data"]),
                 "transform": describe_part(description["transform"]), "seed": str(self.seed),
                 "views": str(self.views), "storage": f"{self.dtype}, top_k={self.top_k}",
+                # the logits' precision: this build's autocast and the module's own teacher_precision
+                "precision": f"build {self.precision}, teacher {pl_module.hparams.get('teacher_precision', '32')}",
                 "classes": str(pl_module.num_classes)}
 
     # -- hooks -----------------------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ class TeacherCache(Callback):
         pairs = [(i, v) for i in range(ranks.rank, rows, ranks.world) for v in range(self.views)]
         loader = DataLoader(ViewsToCache(train_set, pairs, self.seed), batch_size=self.batch_size or
                             datamodule.batch_size, shuffle=False, num_workers=datamodule.num_workers)
-        dtype = _AUTOCAST[self.precision]
+        dtype = TEACHER_PRECISIONS[self.precision]
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         with torch.no_grad(), autocast:
             for images, index, view in loader:

@@ -33,19 +33,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from kd_lightning.data.images import decode_image_file
+from kd_lightning.data.images import decode_image_file, file_entries
 
 FORMAT_VERSION = 1
 DATA, INDEX, MANIFEST = "images.u8", "index.npy", "manifest.json"
-
-
-def file_entries(paths: Sequence[str | os.PathLike]) -> list[list[Any]]:
-    """``[absolute path, size, mtime_ns]`` of every file: what a cache must match to be used."""
-    entries = []
-    for p in paths:
-        st = os.stat(p)
-        entries.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
-    return entries
 
 
 def fingerprint(entries: list[list[Any]]) -> str:

@@ -285,25 +285,35 @@ class Split:
         return Split([self.items[i] for i in indices], [self.labels[i] for i in indices], self.load)
 
 
+def file_entries(paths: Sequence[str | os.PathLike]) -> list[list[Any]]:
+    """``[absolute path, size, mtime_ns]`` of every file: what a cache of them (decoded images, teacher logits)
+    must match to be used; a file rewritten in place changes it."""
+    entries = []
+    for p in paths:
+        st = os.stat(p)
+        entries.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return entries
+
+
 def describe_items(split: Split) -> str:
-    """sha256 of what a split's images are: each file's path, size and modification time (a file rewritten in
-    place changes it), or the bytes of the array that array-backed items index."""
+    """sha256 of what a split's images are: the :func:`file_entries` of its files, or the bytes of the array that
+    array-backed items index."""
     import hashlib
 
     digest = hashlib.sha256(f"{len(split.items)}\n".encode())
     array = getattr(split.load, "array", None)
-    for item in split.items:
-        if isinstance(item, (str, os.PathLike)):
-            stat = os.stat(item)
-            digest.update(f"{os.fspath(item)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-        elif array is not None:
-            digest.update(f"{int(item)}\n".encode())
-        else:
-            raise NotImplementedError(f"Cannot describe image items of type {type(item).__name__} for a teacher cache.")
-    if array is not None:
+    paths = [item for item in split.items if isinstance(item, (str, os.PathLike))]
+    if len(paths) == len(split.items):
+        for path, size, mtime in file_entries(paths):
+            digest.update(f"{path}\t{size}\t{mtime}\n".encode())
+    elif array is not None and not paths:
         import numpy as np
 
+        digest.update("".join(f"{int(item)}\n" for item in split.items).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
+    else:
+        raise NotImplementedError("Cannot describe the items of this split for a teacher cache: they must be all "
+                                  "file paths, or all indices into an array-backed load.")
     return digest.hexdigest()
 
 
@@ -373,6 +383,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.decoded_cache = decoded_cache
         self._unlabelled_paths: list[Path] = []
         self._unlabelled_load: Callable[[Any], Tensor] = decode_image_file  # the cache's, after setup
+        self._decoded: dict[str, Any] | None = None  # the opened decoded-image caches (checked once per process)
         if unlabelled_dir is not None and self.use_unlabelled:
             self._unlabelled_paths = scan_image_folder(unlabelled_dir, what=f"{name} unlabelled_dir",
                                                        verify=verify_images)
@@ -425,15 +436,20 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def _decoded_caches(self) -> dict[str, Any]:
         """``{"splits": ..., "unlabelled": ...}``: the opened (built if needed) caches, None where a source has no
-        files to cache (splits that are arrays, no ``unlabelled_dir``)."""
+        files to cache (splits that are arrays, no ``unlabelled_dir``). Checked against the files once per process:
+        ``setup`` reuses what ``prepare_data`` opened in the same process."""
         from kd_lightning.data.decoded import DecodedImages
+
+        if self._decoded is not None:
+            return self._decoded
 
         splits = [s for s in self.find_splits() if s is not None and s.load is decode_image_file]
         files = sorted({os.fspath(p) for s in splits for p in s.items})
         unlabelled = sorted({os.fspath(p) for p in self._unlabelled_paths})
         folder = Path(self.decoded_cache)  # type: ignore[arg-type]
-        return {"splits": DecodedImages.open(folder / "splits", files) if files else None,
-                "unlabelled": DecodedImages.open(folder / "unlabelled", unlabelled) if unlabelled else None}
+        self._decoded = {"splits": DecodedImages.open(folder / "splits", files) if files else None,
+                         "unlabelled": DecodedImages.open(folder / "unlabelled", unlabelled) if unlabelled else None}
+        return self._decoded
 
     # -- datasets -----------------------------------------------------------------------------------------------
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset | None, list[int]]:
@@ -463,8 +479,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         import torchvision
 
         train = self.find_splits()[0]
-        data = {"train": describe_items(train), "unlabelled": describe_items(Split(self._unlabelled_paths,
-                                                                                    [UNLABELLED] * len(self._unlabelled_paths))),
+        unlabelled = Split(self._unlabelled_paths, [UNLABELLED] * len(self._unlabelled_paths))
+        data = {"train": describe_items(train), "unlabelled": describe_items(unlabelled),
                 **self.train_rows_description()}
         transform = {"pipeline": repr(self.train_transform()), "image_size": self.image_size,
                      "mean": list(self.mean), "std": list(self.std), "auto_augment": self.auto_augment,

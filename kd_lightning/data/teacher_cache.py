@@ -86,6 +86,13 @@ def describe_part(value: Any) -> str:
     return text if len(text) <= 200 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def array_files(top_k: int | None) -> dict[str, str]:
+    """The ``.npy`` files of a cache: every logit, or the top k with the logit that spreads the rest of the mass."""
+    if top_k is None:
+        return {"logits": "logits.npy"}
+    return {"values": "topk_logits.npy", "classes": "topk_classes.npy", "rest": "rest_logit.npy"}
+
+
 class TeacherLogitsStore:
     """The cached logits in ``folder``: read lazily (memory-mapped, once per process, so DataLoader workers
     pickle only the path), written row by row by :meth:`create` / :meth:`write` / :meth:`finish`."""
@@ -105,13 +112,10 @@ class TeacherLogitsStore:
             self._manifest = json.loads((self.folder / MANIFEST).read_text())
         return self._manifest
 
-    def _files(self) -> dict[str, str]:
-        return {"logits": "logits.npy"} if self.manifest["top_k"] is None else \
-            {"values": "topk_logits.npy", "classes": "topk_classes.npy", "rest": "rest_logit.npy"}
-
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = {name: np.load(self.folder / file, mmap_mode="r") for name, file in self._files().items()}
+            self._arrays = {name: np.load(self.folder / file, mmap_mode="r")
+                            for name, file in array_files(self.manifest["top_k"]).items()}
         return self._arrays
 
     def logits(self, index: int, view: int) -> Tensor:
@@ -143,7 +147,8 @@ class TeacherLogitsStore:
         try:
             for name, array in self.arrays().items():
                 if tuple(array.shape[:2]) != (n, k):
-                    return f"'{self.folder / self._files()[name]}' has shape {tuple(array.shape)}, expected ({n}, {k}, ...)"
+                    file = self.folder / array_files(manifest["top_k"])[name]
+                    return f"'{file}' has shape {tuple(array.shape)}, expected ({n}, {k}, ...)"
         except (OSError, ValueError) as err:  # np.load of a truncated .npy: "mmap length is greater than file size"
             self._arrays = None
             return f"a cache file is damaged or truncated ({err})"
@@ -153,19 +158,16 @@ class TeacherLogitsStore:
     def create(self, rows: int, views: int, num_classes: int, dtype: str, top_k: int | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)  # partial from now until finish()
-        for stale in ("logits.npy", "topk_logits.npy", "topk_classes.npy", "rest_logit.npy"):
+        for stale in [*array_files(None).values(), *array_files(1).values()]:
             (self.folder / stale).unlink(missing_ok=True)
-        self._manifest = {"top_k": top_k}
         shapes = {"logits": (rows, views, num_classes)} if top_k is None else \
             {"values": (rows, views, top_k), "classes": (rows, views, top_k), "rest": (rows, views)}
         types = {"logits": dtype, "values": dtype, "classes": "int32", "rest": "float32"}
-        for name, file in self._files().items():
+        for name, file in array_files(top_k).items():
             np.lib.format.open_memmap(self.folder / file, mode="w+", dtype=types[name], shape=shapes[name]).flush()
-        self._manifest = None
 
     def open_for_writing(self, top_k: int | None) -> None:
-        self._manifest = {"top_k": top_k}
-        self._arrays = {name: np.load(self.folder / file, mmap_mode="r+") for name, file in self._files().items()}
+        self._arrays = {name: np.load(self.folder / file, mmap_mode="r+") for name, file in array_files(top_k).items()}
 
     def write(self, index: Sequence[int], view: Sequence[int], logits: Tensor, top_k: int | None) -> None:
         """Store ``(B, C)`` logits for rows ``index`` and views ``view``."""
