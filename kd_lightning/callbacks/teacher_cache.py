@@ -13,9 +13,9 @@ the replay rule and the file format). Add it to a KD run's ``trainer.callbacks``
 
 At ``setup`` of a fit, before anything trains, it fingerprints the teacher's weights, the training data, the
 transform, the cache seed, ``views``, the storage and the teacher's precision. A matching, complete cache in
-``dirpath`` is used as it is; anything else (none yet, a partial build, another teacher, other data or transforms, a damaged file) is rebuilt
-there, with one message that says why. Under DDP every rank computes its share of the rows (rows ``r::world``)
-into one memory-mapped file; rank 0 writes the manifest last. Validation and test still run the teacher
+``dirpath`` is used as it is; anything else (none yet, a partial build, another teacher, other data or
+transforms, a damaged file) is rebuilt there, with one message that says why. Under DDP every rank computes its
+share of the rows (rows ``r::world``) into one memory-mapped file; rank 0 writes the manifest last. Validation and test still run the teacher
 (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
 
 With ``views: K`` an epoch shows each row in one of its K views, so K epochs see K different crops; past K epochs
