@@ -15,8 +15,8 @@ At ``setup`` of a fit, before anything trains, it fingerprints the teacher's wei
 transform, the cache seed, ``views``, the storage and the teacher's precision. A matching, complete cache in
 ``dirpath`` is used as it is; anything else (none yet, a partial build, another teacher, other data or
 transforms, a damaged file) is rebuilt there, with one message that says why. Under DDP every rank computes its
-share of the rows (rows ``r::world``) into one memory-mapped file; rank 0 writes the manifest last. Validation and test still run the teacher
-(``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
+share of the rows (rows ``r::world``) into one memory-mapped file; rank 0 writes the manifest last. Validation
+and test still run the teacher (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
 
 With ``views: K`` an epoch shows each row in one of its K views, so K epochs see K different crops; past K epochs
 the views repeat (online KD draws a fresh crop every time). Refused with a clear error: terms that tap teacher
