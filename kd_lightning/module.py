@@ -217,7 +217,8 @@ class _TrainableModule(LightningModule):
             if hp.warmup_epochs > 0:  # the epoch length is needed only to measure the warm-up in epochs
                 if self.trainer.train_dataloader is None:
                     # Only in max_epochs=-1 runs (estimated_stepping_batches loads the loader in all others), and
-                    # Lightning has no public call to load it early: its fit loop's setup_data, in this one place.
+                    # Lightning has no public call to load it early: its fit loop's setup_data, in this one place
+                    # (pinned by tests/test_pinned_internals.py).
                     self.trainer.fit_loop.setup_data()
                 batches = self.trainer.num_training_batches
                 steps_per_epoch = total if math.isinf(batches) else max(
@@ -516,7 +517,8 @@ class DistillationModule(_TrainableModule):
             **(teacher_kwargs or {}))
         self.teacher.requires_grad_(False).eval()
         # DDP must neither broadcast nor reduce the frozen teacher (every rank builds the same one): ignoring it
-        # also spares the per-step broadcast of its BatchNorm buffers.
+        # also spares the per-step broadcast of its BatchNorm buffers. torch's only way, pinned by
+        # tests/test_pinned_internals.py.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, [f"teacher.{name}" for name in self.teacher.state_dict()])
         self._legacy = terms is None

@@ -126,7 +126,8 @@ class KLDivergenceLogger(Callback):
 
     @staticmethod
     def _step(trainer: "pl.Trainer") -> int:
-        # the step axis of Lightning's own logged metrics (what LearningRateMonitor uses too)
+        # the step axis of Lightning's own logged metrics (what LearningRateMonitor uses too); private, pinned by
+        # tests/test_pinned_internals.py
         return trainer.fit_loop.epoch_loop._batches_that_stepped
 
     # -- training steps ---------------------------------------------------------------------------------------
