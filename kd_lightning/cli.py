@@ -55,8 +55,8 @@ class KDLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Pinned to LightningCLI 2.6's private hook (tests/test_pinned_internals.py and test_resume.py break if it
         # goes): Lightning reads the --ckpt_path checkpoint here and lets its saved hyperparameters replace the
-        # config's model, silently. First: a clear error for a file that is not a readable checkpoint, or one of another module class or
-        # other networks than the config asks for; only then Lightning's merge.
+        # config's model, silently. First: a clear error for a file that is not a readable checkpoint, or one of
+        # another module class or other networks than the config asks for; only then Lightning's merge.
         self._resume_from: dict[str, Any] | None = None
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
