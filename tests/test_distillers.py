@@ -360,3 +360,69 @@ def test_batch_contract_index_reaches_terms_and_cached_teacher_logits_skip_the_t
     assert not calls and out.teacher_logits[0] is not None and torch.equal(out.teacher_logits[0], cached)
     assert module.compute_losses(out)["loss_kd"].item() == pytest.approx(
         distillation_loss(out.student_logits, cached, y, 2.0, 1.0)["kd"].item(), rel=1e-6)
+
+
+# -- the seam: a new method is one file plus a YAML file --------------------------------------------------------
+FIFTH_METHOD = '''
+"""Similarity-preserving KD (Tung & Mori, ICCV 2019): match the row-normalised (B, B) similarity matrices of a
+student and a teacher layer over the batch, ||norm(S S^T) - norm(T T^T)||_F^2 / B^2."""
+import torch.nn.functional as F
+
+from kd_lightning.distillers import DistillationTerm
+
+
+def similarity_preserving_loss(student, teacher):
+    s, t = student.flatten(1), teacher.flatten(1)  # (B, C*H*W)
+    gs, gt = F.normalize(s @ s.T, dim=1), F.normalize(t @ t.T, dim=1)  # (B, B)
+    return (gs - gt).pow(2).sum() / s.shape[0] ** 2
+
+
+class SimilarityPreserving(DistillationTerm):
+    default_name = "sp"
+
+    def __init__(self, weight=1.0, student_layer="", teacher_layer="", name=None):
+        super().__init__(weight, name, [student_layer], [teacher_layer])
+
+    def forward(self, out):
+        s, t = out.student_features[self.student_layers[0]], out.teacher_features[self.teacher_layers[0]]
+        return {self.name: similarity_preserving_loss(s, t)}
+'''
+
+
+def test_a_fifth_method_is_one_python_file_plus_a_yaml_file(tmp_path, monkeypatch):
+    """A method kd_lightning does not ship, written in the user's own file and named by class_path from YAML: no
+    kd_lightning file is edited, and its feature taps, logging and weight work as for the built-in terms."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kd_lightning.cli import cli_main
+
+    (tmp_path / "my_methods.py").write_text(FIFTH_METHOD)
+    (tmp_path / "sp.yaml").write_text("""
+model:
+  class_path: kd_lightning.DistillationModule
+  init_args:
+    student: mlp
+    student_kwargs: {hidden: [32]}
+    teacher: mlp
+    teacher_kwargs: {hidden: [64, 64]}
+    optimizer: adamw
+    lr: 0.003
+    terms:
+      - {class_path: kd_lightning.distillers.CrossEntropy, init_args: {weight: 1.0}}
+      - class_path: my_methods.SimilarityPreserving
+        init_args: {weight: 3.0, student_layer: net.1, teacher_layer: net.3}
+""")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", f"--config={ROOT / 'experiments/digits/base.yaml'}", "--config=sp.yaml",
+                    "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+                    "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.devices=1"])
+    term = cli.model.terms["sp"]
+    assert type(term).__module__ == "my_methods" and term.weight == 3.0
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    sp = [e.value for e in events.Scalars("train/loss_sp")]
+    ce = [e.value for e in events.Scalars("train/loss_ce")]
+    total = [e.value for e in events.Scalars("train/loss")]
+    assert len(sp) == 3 and all(v > 0 for v in sp)
+    assert total == pytest.approx([a + b for a, b in zip(ce, sp)], rel=1e-5)
