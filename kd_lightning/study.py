@@ -18,7 +18,8 @@ A study is YAML; its runs are the same config files ``kd-lightning fit`` takes, 
         overrides: {trainer.max_steps: 480}   # after the study's overrides
         label: scratch student          # optional: the name in tables and figures
         group: all labels               # optional: a first column that groups runs
-        # once: true                    # optional: train with the first seed only (e.g. one shared teacher)
+        # once: true                    # optional: train with the first seed only (e.g. one shared teacher;
+                                        # --seeds keeps it: more seeds reuse it)
         # x: 10                         # optional: a number (e.g. % of labels); the figure then adds test
                                         # accuracy against x, one line per label (x_label: the axis title)
 
@@ -96,9 +97,16 @@ class StudySpec:
     overrides: dict[str, Any]
     runs: tuple[RunSpec, ...]
     x_label: str = ""
+    # The seed of the ``once`` runs: the study file's first seed, kept when --seeds replaces ``seeds``, so that
+    # more seeds add students that distil from the shared teacher already trained, not a second teacher.
+    once_seed: int | None = None
 
     def run(self, name: str) -> RunSpec:
         return next(r for r in self.runs if r.name == name)
+
+    @property
+    def first_seed(self) -> int:
+        return self.seeds[0] if self.once_seed is None else self.once_seed
 
 
 # -- reading a study ----------------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def parse_study(data: Any, path: Path) -> StudySpec:
                             overrides=_overrides(run.get("overrides"), f"{run_where}: overrides"),
                             teacher=teacher, once=run.get("once", False), label=str(run.get("label", "")),
                             group=str(run.get("group", "")), x=None if x is None else float(x)))
-    return StudySpec(path=path, title=str(data.get("title") or path.stem), seeds=tuple(seeds),
+    return StudySpec(path=path, title=str(data.get("title") or path.stem), seeds=tuple(seeds), once_seed=seeds[0],
                      base=_config_paths(data.get("base", []), f"{where}: base", folder),
                      overrides=_overrides(data.get("overrides"), f"{where}: overrides"), runs=tuple(runs),
                      x_label=str(data.get("x_label") or "x"))
@@ -245,14 +253,15 @@ def run_args(spec: StudySpec, run: RunSpec, seed: int, folder: Path) -> list[str
 
 
 def plan(spec: StudySpec, out: Path) -> list[PlannedRun]:
-    """Every run of every seed in training order; a ``once`` run only with the first seed, and its students of
-    every seed distil from that one."""
+    """Every run of every seed in training order; a ``once`` run only with the study's first seed (the study
+    file's, also under --seeds), and its students of every seed distil from that one."""
     planned: list[PlannedRun] = []
     by_key: dict[tuple[str, int], PlannedRun] = {}
-    for seed in spec.seeds:
+    for position, study_seed in enumerate(spec.seeds):
         for run in spec.runs:
-            if run.once and seed != spec.seeds[0]:
+            if run.once and position > 0:
                 continue
+            seed = spec.first_seed if run.once else study_seed
             folder = out / run.name / f"seed_{seed}"
             try:
                 args = run_args(spec, run, seed, folder)
@@ -260,7 +269,7 @@ def plan(spec: StudySpec, out: Path) -> list[PlannedRun]:
                 raise StudyError(f"{spec.path}: run '{run.name}': {err}") from None
             teacher = None
             if run.teacher is not None:
-                teacher_seed = spec.seeds[0] if spec.run(run.teacher).once else seed
+                teacher_seed = spec.first_seed if spec.run(run.teacher).once else seed
                 teacher = by_key[(run.teacher, teacher_seed)]
             by_key[(run.name, seed)] = PlannedRun(run, seed, folder, args, teacher)
             planned.append(by_key[(run.name, seed)])

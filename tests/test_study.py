@@ -130,6 +130,21 @@ def test_seed_placeholder():
         substitute_seed("${sed}", 1)
 
 
+def test_more_seeds_reuse_the_shared_teacher(tmp_path):
+    """--seeds adds students, not teachers: a ``once`` run keeps the study file's first seed, so its students of
+    the new seeds distil from the teacher already trained (and two commands with disjoint --seeds can train
+    side by side after it)."""
+    from dataclasses import replace
+
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")], "once": True},
+            "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher"}}
+    spec = load_study(write_study(tmp_path / "study.yaml", seeds=[0, 1], runs=runs))
+    planned = plan(replace(spec, seeds=(5, 6)), tmp_path / "out")  # what --seeds 5 6 does
+    assert [run.title for run in planned] == ["seed 0 teacher", "seed 5 kd_student", "seed 6 kd_student"]
+    assert {run.teacher.folder for run in planned[1:]} == {tmp_path / "out" / "teacher" / "seed_0"}
+    assert "--seed_everything=0" in planned[0].args
+
+
 # -- running --------------------------------------------------------------------------------------------------
 def test_tiny_study_end_to_end(tmp_path, capsys):
     study = write_study(tmp_path / "study.yaml", seeds=[0, 1],
