@@ -96,17 +96,13 @@ class StudySpec:
     seeds: tuple[int, ...]
     overrides: dict[str, Any]
     runs: tuple[RunSpec, ...]
-    x_label: str = ""
     # The seed of the ``once`` runs: the study file's first seed, kept when --seeds replaces ``seeds``, so that
     # more seeds add students that distil from the shared teacher already trained, not a second teacher.
-    once_seed: int | None = None
+    once_seed: int
+    x_label: str = ""
 
     def run(self, name: str) -> RunSpec:
         return next(r for r in self.runs if r.name == name)
-
-    @property
-    def first_seed(self) -> int:
-        return self.seeds[0] if self.once_seed is None else self.once_seed
 
 
 # -- reading a study ----------------------------------------------------------------------------------------
@@ -180,8 +176,8 @@ def parse_study(data: Any, path: Path) -> StudySpec:
                             overrides=_overrides(run.get("overrides"), f"{run_where}: overrides"),
                             teacher=teacher, once=run.get("once", False), label=str(run.get("label", "")),
                             group=str(run.get("group", "")), x=None if x is None else float(x)))
-    return StudySpec(path=path, title=str(data.get("title") or path.stem), seeds=tuple(seeds), once_seed=seeds[0],
-                     base=_config_paths(data.get("base", []), f"{where}: base", folder),
+    return StudySpec(path=path, title=str(data.get("title") or path.stem), seeds=tuple(seeds),
+                     once_seed=seeds[0], base=_config_paths(data.get("base", []), f"{where}: base", folder),
                      overrides=_overrides(data.get("overrides"), f"{where}: overrides"), runs=tuple(runs),
                      x_label=str(data.get("x_label") or "x"))
 
@@ -261,7 +257,7 @@ def plan(spec: StudySpec, out: Path) -> list[PlannedRun]:
         for run in spec.runs:
             if run.once and position > 0:
                 continue
-            seed = spec.first_seed if run.once else study_seed
+            seed = spec.once_seed if run.once else study_seed
             folder = out / run.name / f"seed_{seed}"
             try:
                 args = run_args(spec, run, seed, folder)
@@ -269,7 +265,7 @@ def plan(spec: StudySpec, out: Path) -> list[PlannedRun]:
                 raise StudyError(f"{spec.path}: run '{run.name}': {err}") from None
             teacher = None
             if run.teacher is not None:
-                teacher_seed = spec.first_seed if spec.run(run.teacher).once else seed
+                teacher_seed = spec.once_seed if spec.run(run.teacher).once else seed
                 teacher = by_key[(run.teacher, teacher_seed)]
             by_key[(run.name, seed)] = PlannedRun(run, seed, folder, args, teacher)
             planned.append(by_key[(run.name, seed)])
