@@ -1,20 +1,20 @@
 r"""Distillation terms: one small module per method, combined by :class:`~kd_lightning.DistillationModule`.
 
-A distillation run's loss is a weighted sum of terms, each named in YAML by ``class_path``/``init_args``::
+A run's loss is a weighted sum of terms, a mapping from each term's name to its ``class_path``/``init_args``::
 
     model:
-      class_path: kd_lightning.DistillationModule
       init_args:
         terms:
-          - class_path: kd_lightning.distillers.CrossEntropy      # the hard labels
-            init_args: {weight: 1.0}
-          - class_path: kd_lightning.distillers.HintonKD
-            init_args: {weight: 0.9, temperature: 4.0}
-          - class_path: kd_lightning.distillers.AttentionTransfer
+          ce: {class_path: kd_lightning.distillers.CrossEntropy, init_args: {weight: 1.0}}   # the hard labels
+          kd: {class_path: kd_lightning.distillers.HintonKD, init_args: {weight: 0.9, temperature: 4.0}}
+          at:
+            class_path: kd_lightning.distillers.AttentionTransfer
             init_args: {weight: 1000.0, student_layers: [stages.1, stages.2], teacher_layers: [stages.1, stages.2]}
 
 ``loss = sum_i weight_i * sum(term_i(step).values())``; each value is logged as ``train/loss_<name>`` (and
-``val/``, ``test/``) after weighting, so the logged parts add up to ``train/loss``.
+``val/``, ``test/``) after weighting, so the logged parts add up to ``train/loss``. The name addresses a term's
+settings on the command line and in studies (``--model.init_args.terms.kd.init_args.temperature 2``) and in
+schedules (``terms.kd.temperature``). A list of terms (each named by its ``name``, default its kind) works too.
 
 A term sees one :class:`StepOutputs` per step: the student's logits, the teacher's heads, the targets, the
 features of the layers it asked for (captured by forward hooks in the same forward passes that give the logits),
@@ -54,11 +54,14 @@ class StepOutputs:
 
     Attributes:
         student_logits: ``(B, K)`` the student's main head.
-        teacher_logits: the teacher's heads, each ``(B, K)``, main head first (no gradient).
-        targets: ``(B,)`` class indices (-100 = unlabelled) or ``(B, K)`` soft labels.
+        teacher_logits: the teacher's heads, each ``(B, K)``, main head first (no gradient); empty without a teacher.
+        targets: ``(B,)`` class indices (``-100``: unlabelled, see :mod:`kd_lightning.labels`) or ``(B, K)`` soft
+            labels.
         student_features / teacher_features: layer name -> output of that layer in this step's forward pass.
         epoch: the current epoch (from 0).
         index: ``(B,)`` dataset indices of the rows, when the batch carries them (for memory-bank methods).
+        student_heads: every head of the student, main first (GoogLeNet's auxiliary heads); ``[student_logits]``
+            when it has one.
     """
 
     student_logits: Tensor
@@ -68,6 +71,7 @@ class StepOutputs:
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     epoch: int = 0
     index: Tensor | None = None
+    student_heads: list[Tensor] = field(default_factory=list)
 
 
 def _check_layers(layers: Sequence[str] | str | None, what: str) -> tuple[str, ...]:
@@ -101,6 +105,23 @@ class DistillationTerm(nn.Module):
         self.teacher_layers = _check_layers(teacher_layers, "teacher_layers")
         self.built = True
 
+    def rename(self, name: str) -> None:
+        """Take ``name`` (the key of a ``terms:`` mapping); a different ``name`` given to the term is an error."""
+        if self.name != name and self.name != self.default_name:
+            raise ValueError(f"{type(self).__name__} is listed as {name!r} but named {self.name!r}: the key of the "
+                             "terms mapping is its name; drop its `name`.")
+        if not name.isidentifier():
+            raise ValueError(f"term name {name!r} must be a plain identifier (it names the log key loss_<name> and "
+                             "the scheduler path terms.<name>).")
+        self.name = name
+
+    def check_heads(self, role: str, heads: int) -> None:
+        """A clear error when this term's per-head weights do not fit a ``role`` network with ``heads`` heads."""
+        weights = getattr(self, "teacher_weights" if role == "teacher" else "head_weights", None)
+        if weights is not None and len(weights) != heads:
+            raise ValueError(f"The term {self.name!r} weights {len(weights)} {role} heads, but the {role} gives "
+                             f"{heads}: give one weight per head, main head first.")
+
     def build(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         """Create whatever depends on feature shapes (adapters), from a dry run's features. Default: nothing."""
 
@@ -112,17 +133,26 @@ class DistillationTerm(nn.Module):
 
 
 class CrossEntropy(DistillationTerm):
-    """The hard-label term: cross-entropy over the labelled rows (:func:`kd_lightning.losses.hard_loss`).
-    Returns ``{"ce"}``."""
+    """The hard-label term: cross-entropy over the labelled rows (:func:`kd_lightning.losses.hard_loss`), on the
+    student's main head, or ``sum_i head_weights[i] * CE(head_i)`` over its heads (GoogLeNet trained with its
+    auxiliary heads: ``[1, 0.3, 0.3]``). ``label_smoothing`` applies to class-index targets. Returns ``{"ce"}``."""
 
     default_name = "ce"
 
-    def __init__(self, weight: float = 1.0, name: str | None = None, ignore_index: int = -100) -> None:
+    def __init__(self, weight: float = 1.0, name: str | None = None, head_weights: Sequence[float] | None = None,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__(weight, name)
-        self.ignore_index = ignore_index
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"CrossEntropy: label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {self.name: hard_loss(out.student_logits, out.targets, self.ignore_index)}
+        if self.head_weights is None:
+            return {self.name: hard_loss(out.student_logits, out.targets, self.label_smoothing)}
+        heads = out.student_heads or [out.student_logits]
+        return {self.name: sum(w * hard_loss(h, out.targets, self.label_smoothing)
+                               for w, h in zip(self.head_weights, heads))}
 
 
 class HintonKD(DistillationTerm):
@@ -255,12 +285,16 @@ class AttentionTransfer(DistillationTerm):
         return {self.name: total}
 
 
-def legacy_terms(temperature: float, alpha: float, teacher_weights: Sequence[float] | None) -> list[DistillationTerm]:
-    """``temperature``/``alpha`` configs: one Hinton term (weight alpha) and the hard term (weight 1 - alpha), so
-    ``loss = alpha * kd + (1 - alpha) * ce`` exactly as :func:`kd_lightning.losses.distillation_loss`."""
-    return [HintonKD(weight=alpha, temperature=temperature, teacher_weights=teacher_weights),
-            CrossEntropy(weight=1.0 - alpha)]
+def shorthand_terms(temperature: float = 4.0, alpha: float = 0.9,
+                    teacher_weights: Sequence[float] | None = None) -> dict[str, DistillationTerm]:
+    """The ``temperature``/``alpha`` shorthand of Hinton et al. (2015) as terms: ``{"kd": HintonKD(alpha, T),
+    "ce": CrossEntropy(1 - alpha)}``, i.e. ``loss = alpha * T^2 KL + (1 - alpha) * CE`` exactly as
+    :func:`kd_lightning.losses.distillation_loss`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    return {"kd": HintonKD(weight=alpha, temperature=temperature, teacher_weights=teacher_weights),
+            "ce": CrossEntropy(weight=1.0 - alpha)}
 
 
 __all__ = ["AttentionTransfer", "CrossEntropy", "DKD", "DistillationTerm", "Hint", "HintonKD", "StepOutputs",
-           "legacy_terms"]
+           "shorthand_terms"]

@@ -13,9 +13,9 @@ The loss sees logits only, never models: teacher logits from a forward pass, fro
 several heads are all the same to it. Both KL arguments are log-probabilities (``log_softmax``, with
 ``log_target=True``), computed in float32; passing probabilities to ``kl_div`` is the classic KD bug.
 
-Targets are class indices ``(B,)`` -- where ``ignore_index`` (-100) marks an unlabelled row, which then
-gets the distillation term only -- or soft labels ``(B, C)`` such as MixUp/CutMix produce, where an
-all-zero row is unlabelled.
+Targets are class indices ``(B,)`` -- where ``-100`` marks an unlabelled row, which then gets the distillation
+term only -- or soft labels ``(B, C)`` such as MixUp/CutMix produce, where an all-zero row is unlabelled
+(:mod:`kd_lightning.labels` owns that rule).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kd_lightning.labels import UNLABELLED, labelled_mask, labelled_rows
 
 Logits = Union[Tensor, Sequence[Tensor]]
 
@@ -63,25 +65,23 @@ def soft_kd_loss(student_logits: Tensor, teacher_logits: Logits, temperature: fl
     return sum(w * t2 * kl_divergence(student_logits, t, temperature) for w, t in zip(teacher_weights, heads))
 
 
-def hard_loss(student_logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+def hard_loss(student_logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy averaged over the labelled rows only; 0 (never NaN) when no row has a label.
 
-    ``targets``: class indices ``(B,)`` with ``ignore_index`` for unlabelled rows, or soft labels ``(B, C)``
-    whose all-zero rows are unlabelled.
+    ``targets``: class indices ``(B,)`` (``-100``: unlabelled) or soft labels ``(B, C)`` whose all-zero rows are
+    unlabelled. ``label_smoothing`` applies to class indices only (soft labels are already soft).
     """
     logits = student_logits.float()
     if targets.ndim == logits.ndim:  # soft labels (MixUp / CutMix)
         row_loss = -(targets.float() * F.log_softmax(logits, dim=-1)).sum(-1)  # (B,)
-        labelled = targets.sum(-1) > 0
-        return row_loss.sum() / labelled.sum().clamp(min=1)
-    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-    return total / (targets != ignore_index).sum().clamp(min=1)  # stays on device: no host sync
+        return row_loss.sum() / labelled_mask(targets).sum().clamp(min=1)
+    total = F.cross_entropy(logits, targets, ignore_index=UNLABELLED, reduction="sum", label_smoothing=label_smoothing)
+    return total / labelled_mask(targets).sum().clamp(min=1)  # stays on device: no host sync
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Logits, targets: Tensor,
                       temperature: float = 4.0, alpha: float = 0.9,
-                      teacher_weights: Sequence[float] | None = None,
-                      ignore_index: int = -100) -> dict[str, Tensor]:
+                      teacher_weights: Sequence[float] | None = None) -> dict[str, Tensor]:
     r"""Hinton et al. (2015) knowledge-distillation loss, as a dict of named terms.
 
     .. math::
@@ -94,7 +94,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Logits, targets: T
     Args:
         student_logits: ``(B, C)``.
         teacher_logits: ``(B, C)``, or a sequence of heads each ``(B, C)`` (see ``soft_kd_loss``).
-        targets: ``(B,)`` class indices (``ignore_index`` = unlabelled) or ``(B, C)`` soft labels.
+        targets: ``(B,)`` class indices (``-100``: unlabelled) or ``(B, C)`` soft labels.
         temperature: ``T > 0``.
         alpha: weight of the soft term, in ``[0, 1]``.
 
@@ -106,7 +106,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Logits, targets: T
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     kd = soft_kd_loss(student_logits, teacher_logits, temperature, teacher_weights)
-    ce = hard_loss(student_logits, targets, ignore_index)
+    ce = hard_loss(student_logits, targets)
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
 
 
@@ -114,45 +114,22 @@ class DistillationLoss(nn.Module):
     """Module form of :func:`distillation_loss`; ``temperature`` and ``alpha`` may be changed in place."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9,
-                 teacher_weights: Sequence[float] | None = None, ignore_index: int = -100) -> None:
+                 teacher_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.temperature = temperature
         self.alpha = alpha
         self.teacher_weights = None if teacher_weights is None else list(teacher_weights)
-        self.ignore_index = ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Logits, targets: Tensor) -> dict[str, Tensor]:
         return distillation_loss(student_logits, teacher_logits, targets, self.temperature, self.alpha,
-                                 self.teacher_weights, self.ignore_index)
+                                 self.teacher_weights)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, teacher_weights={self.teacher_weights}"
 
 
-def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    r"""Per-row prediction entropy :math:`H(\sigma(z/T)) = -\sum_c p_c \log p_c` in nats, float32, shape ``(B,)``.
-
-    0 for a one-hot prediction, :math:`\log C` for a uniform one over :math:`C` classes.
-    """
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, C)
-    # clamp: a class masked with -inf logits has p = 0 and log p = -inf; 0 * (finite) keeps the sum finite
-    return -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(-1)  # (B,)
-
-
 # -- feature and logit methods beyond Hinton KD ---------------------------------------------------------------
 # Each is a plain function of tensors; kd_lightning.distillers wraps each in a term module that YAML can name.
-
-
-def _targets_as_labels(targets: Tensor, num_classes: int, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """``(labels, labelled)``, both ``(B,)``: class indices (0 where unlabelled) and a boolean mask.
-
-    ``targets`` are class indices ``(B,)`` (``ignore_index`` = unlabelled) or soft labels ``(B, C)`` (the argmax
-    is the label, an all-zero row is unlabelled).
-    """
-    if targets.ndim == 2:
-        return targets.argmax(-1), targets.sum(-1) > 0
-    labelled = (targets != ignore_index) & (targets >= 0) & (targets < num_classes)
-    return torch.where(labelled, targets, torch.zeros_like(targets)).long(), labelled
 
 
 def channel_normalize(features: Tensor, eps: float = 1e-5) -> Tensor:
@@ -235,7 +212,7 @@ def attention_transfer_loss(student_features: Tensor, teacher_features: Tensor, 
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float = 1.0,
-             beta: float = 8.0, temperature: float = 4.0, ignore_index: int = -100) -> dict[str, Tensor]:
+             beta: float = 8.0, temperature: float = 4.0) -> dict[str, Tensor]:
     r"""Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
 
     With :math:`p = \sigma(z/T)`, the target class :math:`y`, :math:`b = [p_y, 1 - p_y]` (binary target vs rest)
@@ -256,7 +233,7 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     s, t = student_logits.float() / temperature, teacher_logits.float() / temperature  # (B, C)
-    labels, labelled = _targets_as_labels(targets, s.shape[-1], ignore_index)
+    labels, labelled = labelled_rows(targets)
     target_mask = F.one_hot(labels, s.shape[-1]).bool()  # (B, C)
     rows = labelled.float()  # (B,)
     n = rows.sum().clamp(min=1)

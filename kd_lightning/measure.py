@@ -1,11 +1,12 @@
 """What a trained network costs to ship: parameters, size on disk, FLOPs per image and CPU latency.
 
-Used by the quickstart's table and by ``kd-lightning evaluate``; every function leaves the network's train/eval
+Used by the study table (:func:`network_cost`) and by ``kd-lightning evaluate``; every function leaves the network's train/eval
 mode as it found it.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import statistics
 import time
@@ -74,3 +75,17 @@ def latency_us(net: nn.Module, input_shape: Sequence[int], batch_size: int = 1, 
             net(x)
             times.append(time.perf_counter() - start)
     return statistic(times) * 1e6
+
+
+def network_cost(net: nn.Module, input_shape: Sequence[int], repeats: int = 300) -> dict[str, float | int]:
+    """What a study's table reports per network: parameters, size on disk (KiB) and the best of ``repeats``
+    single-image CPU forward passes on one thread (µs; the minimum is the stable statistic on a shared machine).
+    Measured on a CPU copy, so a network trained on a GPU is timed on the CPU too."""
+    net = copy.deepcopy(net).cpu()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        latency = latency_us(net, input_shape, batch_size=1, repeats=repeats, warmup=20, statistic=min)
+    finally:
+        torch.set_num_threads(threads)
+    return {"params": count_parameters(net), "size_kb": size_on_disk_kb(net), "latency_us": latency}

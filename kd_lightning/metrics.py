@@ -1,5 +1,17 @@
-"""Metrics of a (student, teacher) pair, owned by :class:`~kd_lightning.DistillationModule` (which updates them
-in its steps) and rendered by :class:`~kd_lightning.callbacks.KLDivergenceLogger` (which computes nothing itself).
+r"""Metrics of a (student, teacher) pair: functional forms, and :class:`DistillationStats` around them.
+
+Owned by :class:`~kd_lightning.DistillationModule`, which updates them in its steps and logs ``val/agreement`` and
+``val/kl`` from them; :class:`~kd_lightning.callbacks.KLDivergenceLogger` asks for the detailed figures and renders
+them, computing nothing itself. With student logits :math:`z_s`, teacher logits :math:`z_t` and softmax
+:math:`\sigma`:
+
+.. math::
+
+    \mathrm{KL}_T = \mathrm{KL}\big(\sigma(z_t/T) \,\|\, \sigma(z_s/T)\big), \qquad
+    H(z) = -\sum_c \sigma(z)_c \log \sigma(z)_c, \qquad
+    \mathrm{agreement} = [\arg\max z_s = \arg\max z_t]
+
+in nats, :math:`\mathrm{KL}_T` without the :math:`T^2` factor of the loss.
 """
 
 from __future__ import annotations
@@ -7,13 +19,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from kd_lightning.losses import entropy, kl_divergence
+from kd_lightning.labels import labelled_rows
+from kd_lightning.losses import kl_divergence
 
 STEP_TAGS = ("kl_T", "kl_T1", "entropy_teacher", "entropy_student", "agreement")
+
+
+def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Per-row prediction entropy :math:`H(\sigma(z/T))` in nats, float32, shape ``(B,)``: 0 for a one-hot
+    prediction, :math:`\log C` for a uniform one over :math:`C` classes."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, C)
+    # clamp: a class masked with -inf logits has p = 0 and log p = -inf; 0 * (finite) keeps the sum finite
+    return -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(-1)  # (B,)
 
 
 def step_statistics(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -28,57 +50,53 @@ def step_statistics(student_logits: Tensor, teacher_logits: Tensor, temperature:
     ])
 
 
-def hard_labels(targets: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """``(labels, labelled)``, both ``(B,)``: class indices (0 where unlabelled) and a 0/1 float mask.
-
-    ``targets``: class indices ``(B,)`` with -100 for unlabelled rows, or soft labels ``(B, K)`` (MixUp/CutMix:
-    the argmax is the label, an all-zero row is unlabelled).
-    """
-    if targets.ndim == 2:
-        return targets.argmax(-1), (targets.sum(-1) > 0).float()
-    labelled = (targets >= 0) & (targets < num_classes)
-    return targets.clamp(0, num_classes - 1).long(), labelled.float()
-
-
 class DistillationStats(Metric):
-    r"""Validation-set statistics of a (student, teacher) pair, as sums: reduced across DDP ranks by summing.
+    r"""Student-vs-teacher statistics over an evaluation epoch, kept as sums (reduced across DDP ranks by summing).
 
-    ``update(student_logits (B, K), teacher_logits (B, K), targets (B,) or (B, K), temperature)`` touches
-    device tensors only (``index_add_`` with 0/1 weights instead of boolean indexing): no host sync.
+    Always: ``kl_T1`` (mean :math:`\mathrm{KL}_1` per row) and ``agreement`` (share of rows with the same top-1).
+    With ``detailed``: ``kl_T`` at the temperature given to :meth:`update` (when there is one), the entropies,
+    ``teacher_right_student_wrong`` / ``student_right_teacher_wrong`` (shares of the labelled rows),
+    ``class_kl_T1`` and ``class_rows`` per true class, and ``error_confusion`` ``(K, K)`` [true class, student's
+    prediction] over the rows where the teacher is right and the student wrong; with ``per_sample``, every row's
+    :math:`\mathrm{KL}_1`. Updates touch device tensors only (``index_add_`` with 0/1 weights): no host sync.
     """
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, per_sample: bool = True, **kwargs: Any) -> None:
+    def __init__(self, num_classes: int, detailed: bool = False, per_sample: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.per_sample = per_sample
-        for name in ("rows", "kl_T", "kl_T1", "entropy_teacher", "entropy_student", "agreement", "labelled",
-                     "teacher_right_student_wrong", "student_right_teacher_wrong"):
+        self.num_classes, self.detailed, self.per_sample = num_classes, detailed, per_sample and detailed
+        names = ["rows", "kl_T1", "agreement"]
+        if detailed:
+            names += ["kl_T", "entropy_teacher", "entropy_student", "labelled", "teacher_right_student_wrong",
+                      "student_right_teacher_wrong"]
+            self.add_state("class_kl", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,) sum of KL_1 per class
+            self.add_state("class_rows", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,)
+            self.add_state("error_confusion", torch.zeros(num_classes, num_classes), dist_reduce_fx="sum")  # (K, K)
+        for name in names:
             self.add_state(name, torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("class_kl", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,) sum of KL_1 per class
-        self.add_state("class_rows", torch.zeros(num_classes), dist_reduce_fx="sum")  # (K,)
-        # (K, K): [true class, student prediction], rows where the teacher is right and the student wrong
-        self.add_state("error_confusion", torch.zeros(num_classes, num_classes), dist_reduce_fx="sum")
-        if per_sample:
+        if self.per_sample:
             self.add_state("per_sample_kl", [], dist_reduce_fx="cat")  # list of (B,)
 
     def update(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,  # type: ignore[override]
-               temperature: float) -> None:
-        k = self.num_classes
-        kl_t = kl_divergence(student_logits, teacher_logits, temperature, reduction="none")  # (B,)
+               temperature: float | None = None) -> None:
         kl_1 = kl_divergence(student_logits, teacher_logits, 1.0, reduction="none")  # (B,)
         student_pred = student_logits.argmax(-1)  # (B,)
         teacher_pred = teacher_logits.argmax(-1)  # (B,)
-        labels, labelled = hard_labels(targets.to(student_pred.device), k)  # (B,), (B,)
+        self.rows += kl_1.numel()
+        self.kl_T1 += kl_1.sum()
+        self.agreement += (student_pred == teacher_pred).float().sum()
+        if not self.detailed:
+            return
+        k = self.num_classes
+        if temperature is not None:
+            self.kl_T += kl_divergence(student_logits, teacher_logits, temperature, reduction="none").sum()
+        labels, labelled = labelled_rows(targets.to(student_pred.device))  # (B,), (B,)
+        labelled = labelled.float()
         student_right = (student_pred == labels).float()  # (B,)
         teacher_right = (teacher_pred == labels).float()  # (B,)
-        self.rows += kl_1.numel()
-        self.kl_T += kl_t.sum()
-        self.kl_T1 += kl_1.sum()
         self.entropy_teacher += entropy(teacher_logits).sum()
         self.entropy_student += entropy(student_logits).sum()
-        self.agreement += (student_pred == teacher_pred).float().sum()
         self.labelled += labelled.sum()
         t_not_s = teacher_right * (1.0 - student_right) * labelled  # (B,) 0/1
         self.teacher_right_student_wrong += t_not_s.sum()
@@ -91,18 +109,19 @@ class DistillationStats(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         rows = self.rows.clamp(min=1)
+        out = {"kl_T1": self.kl_T1 / rows, "agreement": self.agreement / rows, "rows": self.rows}
+        if not self.detailed:
+            return out
         labelled = self.labelled.clamp(min=1)
-        out = {
-            "kl_T": self.kl_T / rows, "kl_T1": self.kl_T1 / rows,
+        out.update({
+            "kl_T": self.kl_T / rows,
             "entropy_teacher": self.entropy_teacher / rows, "entropy_student": self.entropy_student / rows,
-            "agreement": self.agreement / rows,
             "teacher_right_student_wrong": self.teacher_right_student_wrong / labelled,
             "student_right_teacher_wrong": self.student_right_teacher_wrong / labelled,
             "class_kl_T1": self.class_kl / self.class_rows.clamp(min=1),  # (K,)
             "class_rows": self.class_rows,  # (K,)
             "error_confusion": self.error_confusion,  # (K, K)
-            "rows": self.rows,
-        }
+        })
         if self.per_sample:  # a list of (B,) tensors, or one (N,) tensor after the DDP gather
             values = self.per_sample_kl
             empty = isinstance(values, list) and not values

@@ -32,8 +32,9 @@ Every validation epoch, over the whole validation set (torchmetrics states, summ
   100 classes; rows: true class, columns: the student's prediction, white 0 to red max).
 
 One owner: :class:`~kd_lightning.module.DistillationModule` computes every statistic (from the logits of its own
-forward passes: no extra pass) and owns the validation metric (:class:`~kd_lightning.metrics.DistillationStats`);
-this callback only decides when to log and renders. On a training step that logs nothing, nothing is computed
+forward passes: no extra pass) and owns the validation metric (:class:`~kd_lightning.metrics.DistillationStats`,
+which also gives its ``val/agreement`` and ``val/kl``); this callback only decides when to log and renders. With
+terms of different temperatures there is no single :math:`T`: ``kl_T`` is then not logged. On a training step that logs nothing, nothing is computed
 (the callback asks the module for the step's statistics only on the steps it logs); validation batches update
 on-device sums (no boolean indexing, no ``.item()``); the single reduction and transfer happen at the end of
 the epoch.
@@ -51,9 +52,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from typing_extensions import override
 
-from kd_lightning.metrics import STEP_TAGS, DistillationStats, hard_labels  # noqa: F401 - importable from here too
+from kd_lightning.metrics import STEP_TAGS
 
-IGNORE_INDEX = -100
 _MAX_IMAGE_CLASSES = 100
 
 
@@ -77,10 +77,6 @@ class KLDivergenceLogger(Callback):
         histogram: log the per-sample KL histogram (keeps one float per validation row until epoch end).
         top_confusions: rows of the text table of the most frequent teacher-right/student-wrong pairs.
     """
-
-    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
-    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
-    checks_settings_at_setup = True
 
     def __init__(self, log_every_n_steps: int | None = None, log_train: bool = True, log_val: bool = True,
                  max_class_scalars: int = 20, histogram: bool = True, top_confusions: int = 10) -> None:
@@ -110,14 +106,18 @@ class KLDivergenceLogger(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_logged_step = state_dict["last_logged_step"]
 
-    # -- setup ------------------------------------------------------------------------------------------------
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None) -> None:
+        """A clear error, before anything is written, for a module without a teacher to compare with."""
+        if not hasattr(pl_module, "track_distillation_stats") or getattr(pl_module, "teacher", None) is None:
+            raise ValueError(f"KLDivergenceLogger compares a student with its teacher: it needs a "
+                             f"kd_lightning.DistillationModule with a teacher; got {type(pl_module).__name__}"
+                             + (" without a teacher." if hasattr(pl_module, "teacher") else "."))
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        num_classes = getattr(pl_module, "num_classes", None)
-        if not hasattr(pl_module, "track_distillation_stats") or not isinstance(num_classes, int):
-            raise ValueError(f"KLDivergenceLogger needs a distillation module (with `temperature` and "
-                             f"`num_classes`, returning student and teacher logits from its steps, such as "
-                             f"kd_lightning.DistillationModule); got {type(pl_module).__name__}.")
+        self.check_settings(pl_module, trainer.datamodule)
+        num_classes = pl_module.num_classes
         names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
         names = [str(n) for n in names] if names is not None and len(names) == num_classes else []
         self._class_names = names or [str(i) for i in range(num_classes)]
@@ -159,21 +159,21 @@ class KLDivergenceLogger(Callback):
         pl_module.last_step_stats = None
         stats = trainer.strategy.reduce(stats, reduce_op="mean")  # average over DDP ranks
         if trainer.is_global_zero:
-            metrics = {f"kl_train/{name}": value for name, value in zip(STEP_TAGS, stats.tolist())}
+            metrics = {f"kl_train/{name}": value for name, value in zip(STEP_TAGS, stats.tolist())
+                       if name != "kl_T" or pl_module.common_temperature() is not None}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
     # -- validation ---------------------------------------------------------------------------------------
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        stats = getattr(pl_module, "distillation_stats", None) if self.log_val else None
-        if stats is None or not stats.update_called:
+        results = pl_module.distillation_results("val") if self.log_val else None  # computed once, by the module
+        if results is None:
             return
-        results = stats.compute()  # a collective under DDP: every rank gets the global sums
-        stats.reset()
         names = self._class_names
-        scalars = {f"kl_val/{name}": results[name] for name in STEP_TAGS + (
-            "teacher_right_student_wrong", "student_right_teacher_wrong")}
+        tags = [t for t in STEP_TAGS if t != "kl_T" or pl_module.common_temperature() is not None]
+        scalars = {f"kl_val/{name}": results[name] for name in tags + [
+            "teacher_right_student_wrong", "student_right_teacher_wrong"]}
         if len(names) <= self.max_class_scalars:
             scalars.update({f"kl_val/class_kl_T1/{_tag_safe(n)}": v for n, v in zip(names, results["class_kl_T1"])})
         # The values are already reduced across ranks; sync_dist=True re-averages identical values (a no-op)

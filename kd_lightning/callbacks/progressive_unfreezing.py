@@ -51,15 +51,10 @@ from typing_extensions import override
 
 
 def student_of(pl_module: "pl.LightningModule") -> nn.Module:
-    """The trainable network: ``pl_module.trainable_module()`` (a DistillationModule's student, a
-    ClassifierModule's model), or the LightningModule itself for other modules."""
-    getter = getattr(pl_module, "trainable_module", None)
-    if callable(getter):
-        try:
-            return getter()
-        except NotImplementedError:
-            pass
-    return pl_module
+    """The trained network: ``pl_module.network`` (a DistillationModule's student, a ClassifierModule's model), or
+    the LightningModule itself for other modules."""
+    network = getattr(pl_module, "network", None)
+    return network if isinstance(network, nn.Module) else pl_module
 
 
 def _module_names(root: nn.Module, max_depth: int = 2) -> list[str]:
@@ -78,15 +73,11 @@ class ProgressiveUnfreezing(Callback):
         ProgressiveUnfreezing(unfreeze_at={"net.1": 4, "net.3": 2})  # the head trains from epoch 0
 
     Args:
-        unfreeze_at: module path (relative to the student, ``pl_module.trainable_module()``) -> the epoch at
+        unfreeze_at: module path (relative to the student, ``pl_module.network``) -> the epoch at
             which it becomes trainable. Paths are checked at fit start against the real module tree; two
             paths may not contain each other.
         verbose: log each unfreezing (rank 0).
     """
-
-    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
-    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
-    checks_settings_at_setup = True
 
     def __init__(self, unfreeze_at: dict[str, int], verbose: bool = True) -> None:
         super().__init__()
@@ -144,10 +135,18 @@ class ProgressiveUnfreezing(Callback):
             modules[path] = module
         return modules
 
+    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None) -> None:
+        """A clear error naming the student's modules when a stage is not one of them (the ``kd-lightning``
+        command calls it before anything is written; ``setup`` again)."""
+        self._stage_modules(pl_module)
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
-            self._stage_modules(pl_module)  # fail before any training with the valid names
+            self.check_settings(pl_module, trainer.datamodule)
+
+    def describe_for_hparams(self) -> dict[str, Any]:
+        return {"schedule/unfreeze_at": str(self.unfreeze_at)}
 
     # -- freezing -----------------------------------------------------------------------------------------
     def _update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

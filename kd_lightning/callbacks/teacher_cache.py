@@ -19,9 +19,10 @@ share of the rows (rows ``r::world``) into one memory-mapped file; rank 0 writes
 and test still run the teacher (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
 
 With ``views: K`` an epoch shows each row in one of its K views, so K epochs see K different crops; past K epochs
-the views repeat (online KD draws a fresh crop every time). Refused with a clear error: terms that tap teacher
-layers (their features are not cached), a multi-head teacher weighted by ``teacher_weights``, batch-level
-augmentation on the device (MixUp, CutMix, noise) and transforms that cannot be replayed from a seed.
+the views repeat (online KD draws a fresh crop every time). Every head of a multi-head teacher (GoogLeNet's
+auxiliary heads) is cached, so a term sees offline exactly what it would see online, whatever its
+``teacher_weights``. Refused with a clear error: terms that tap teacher layers (their features are not cached),
+batch-level augmentation on the device (MixUp, CutMix, noise) and transforms that cannot be replayed from a seed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from kd_lightning.core import TEACHER_PRECISIONS, Distiller, dry_run
 from kd_lightning.data.base import ClassificationDataModule
 from kd_lightning.data.teacher_cache import (
     TeacherLogitsStore,
@@ -44,7 +46,6 @@ from kd_lightning.data.teacher_cache import (
     describe_part,
     fingerprint,
 )
-from kd_lightning.module import TEACHER_PRECISIONS, DistillationModule
 
 
 class TeacherCache(Callback):
@@ -81,32 +82,28 @@ class TeacherCache(Callback):
         self.dirpath, self.views, self.seed = str(dirpath), int(views), int(seed)
         self.dtype, self.top_k, self.batch_size, self.precision = dtype, top_k, batch_size, precision
         self.fingerprint: str | None = None
+        self._random_views = True  # whether the training transform is random (checked by check_settings)
 
     # -- checks ---------------------------------------------------------------------------------------------------
-    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any) -> bool:
+    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any = None) -> None:
         """A clear error for a run the cache cannot serve, before anything is built or written (the
-        ``kd-lightning`` command calls it before the trainer starts). Returns whether the training transform is
-        random (False: every view of a row is the same image)."""
-        if not isinstance(pl_module, DistillationModule):
-            raise ValueError(f"TeacherCache caches a teacher's logits: it needs a DistillationModule, got "
-                             f"{type(pl_module).__name__}. Remove it from this run's callbacks.")
+        ``kd-lightning`` command calls it before the trainer starts; ``setup`` again)."""
+        if not isinstance(pl_module, Distiller) or pl_module.teacher is None:
+            raise ValueError(f"TeacherCache caches a teacher's logits: it needs a DistillationModule with a teacher, "
+                             f"got {type(pl_module).__name__}" + (" without one" if isinstance(pl_module, Distiller)
+                                                                  else "") + ". Remove it from this run's callbacks.")
         tapping = [t.name for t in pl_module.terms.values() if t.teacher_layers]
         if tapping:
             raise ValueError(f"TeacherCache: the term(s) {tapping} tap teacher layers, which the cache does not hold, "
                              "so the teacher would run anyway. Distil them online (remove TeacherCache), or use "
                              "logit terms only (HintonKD, DKD, CrossEntropy).")
-        weighted = [t.name for t in pl_module.terms.values() if len(getattr(t, "teacher_weights", None) or ()) > 1]
-        if weighted:
-            raise ValueError(f"TeacherCache stores the teacher's main head only, but the term(s) {weighted} weight "
-                             "several teacher heads (teacher_weights). Use the main head alone (teacher_weights: null) "
-                             "or distil online.")
         if not isinstance(datamodule, ClassificationDataModule):
             raise ValueError("TeacherCache needs a kd_lightning ClassificationDataModule (it serves the cached views "
                              f"through the training loader), got {type(datamodule).__name__}.")
         datamodule.check_teacher_cache()
         if datamodule.train_set is None:
             datamodule.setup("fit")
-        return check_replayable(datamodule.train_set, self.seed)
+        self._random_views = check_replayable(datamodule.train_set, self.seed)
 
     def parts(self, pl_module: Any, datamodule: Any) -> dict[str, str]:
         """The fingerprint's parts: what a cache was built for."""
@@ -126,9 +123,9 @@ class TeacherCache(Callback):
     def attach(self, pl_module: Any, datamodule: Any, trainer: pl.Trainer | None = None) -> None:
         """Check, build the cache when it is missing or stale, and have ``datamodule``'s training loader serve the
         cached views. ``trainer`` gives the ranks and the device; None: one process, the teacher's device."""
-        random_views = self.check_settings(pl_module, datamodule)
+        self.check_settings(pl_module, datamodule)
         train_set = datamodule.train_set
-        if not random_views and self.views > 1:
+        if not self._random_views and self.views > 1:
             rank_zero_warn(f"TeacherCache: the training transform is not random, so the {self.views} views of a row "
                            "are the same image; views: 1 caches the same information at 1/K of the cost.")
         parts = self.parts(pl_module, datamodule)
@@ -152,8 +149,9 @@ class TeacherCache(Callback):
         train_set = datamodule.train_set
         rows = len(train_set)
         store = TeacherLogitsStore(self.dirpath)
+        heads = len(dry_run(pl_module.teacher, datamodule.input_shape))
         if ranks.is_global_zero:
-            store.create(rows, self.views, pl_module.num_classes, self.dtype, self.top_k)
+            store.create(rows, self.views, heads, pl_module.num_classes, self.dtype, self.top_k)
         ranks.barrier("teacher_cache_created")
         store.open_for_writing(self.top_k)
         device = ranks.device
@@ -165,12 +163,11 @@ class TeacherCache(Callback):
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         with torch.no_grad(), autocast:
             for images, index, view in loader:
-                heads = pl_module.teacher_logits(images.to(device))
-                store.write(index.tolist(), view.tolist(), heads[0].float(), self.top_k)
+                store.write(index.tolist(), view.tolist(), pl_module.teacher_logits(images.to(device)), self.top_k)
         store.flush()
         ranks.barrier("teacher_cache_written")
         if ranks.is_global_zero:
-            store.finish(rows, self.views, pl_module.num_classes, self.dtype, self.top_k, parts)
+            store.finish(rows, self.views, heads, pl_module.num_classes, self.dtype, self.top_k, parts)
         ranks.barrier("teacher_cache_finished")
         rank_zero_info(f"TeacherCache: {rows * self.views} views cached in {time.perf_counter() - start:.1f} s.")
 

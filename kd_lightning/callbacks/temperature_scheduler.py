@@ -3,7 +3,7 @@ ScalarScheduler (alias TemperatureScheduler)
 ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 
 Schedules any float attribute of the LightningModule during training, named by a dotted path: the distillation
-temperature (``TemperatureScheduler``'s default), ``alpha``, or any term's float such as
+temperature (``TemperatureScheduler``'s default: every term's temperature), or any term's float such as
 ``terms.kd.temperature``, ``terms.hint.weight`` or ``terms.dkd.beta`` (see :mod:`kd_lightning.distillers`).
 ``TemperatureScheduler`` is the same callback with ``attribute="temperature"`` as its default (and the name
 older configs and checkpoints use).
@@ -31,7 +31,7 @@ Recipes::
     # T from 8 down to 2 over the run, on a cosine, updated every optimizer step
     TemperatureScheduler(schedule="cosine", start=8.0, end=2.0, interval="step")
     # a distillation weight ramping linearly from 0 to 0.9 over 20 epochs, then staying
-    TemperatureScheduler(attribute="alpha", schedule="linear", start=0.0, end=0.9, duration=20)
+    ScalarScheduler(attribute="terms.kd.weight", schedule="linear", start=0.0, end=0.9, duration=20)
     # the hint term's weight from 100 down to 10 over the run
     ScalarScheduler(attribute="terms.hint.weight", schedule="cosine", start=100.0, end=10.0)
 
@@ -97,15 +97,12 @@ class ScalarScheduler(Callback):
         duration: :math:`D`, the epoch (step) from which the value is ``end``; ``None``: the last epoch
             (``max_epochs - 1``) or the last step of the run.
         interval: ``"epoch"`` or ``"step"`` (optimizer steps, i.e. ``trainer.global_step``).
-        min_value: floor of the value (``None``: none). ``temperature`` must stay > 0 and ``alpha`` in [0, 1].
+        min_value: floor of the value (``None``: none). A temperature must stay > 0 and a weight >= 0.
         max_value: ceiling of the value (``None``: none).
-        attribute: the module attribute to schedule, e.g. ``"temperature"``, ``"alpha"``, or a dotted path
-            such as ``"terms.kd.temperature"`` or ``"terms.hint.weight"``. Checked at fit start.
+        attribute: the module attribute to schedule: ``"temperature"`` (every term's; with terms of different
+            temperatures give ``start``) or a dotted path such as ``"terms.kd.temperature"`` or
+            ``"terms.hint.weight"``. Checked before anything is written.
     """
-
-    # kd-lightning runs this callback's setup("fit") before the Trainer writes anything, so that bad settings
-    # stop the run early (kd_lightning.cli; any callback may opt in with this attribute)
-    checks_settings_at_setup = True
 
     def __init__(self, schedule: Literal["constant", "step", "linear", "exponential", "cosine"] = "constant",
                  start: float | None = None, end: float | None = None, delta: float | None = None,
@@ -167,7 +164,7 @@ class ScalarScheduler(Callback):
 
     @property
     def state_key(self) -> str:
-        # one scheduler per attribute may live in the same trainer (temperature and alpha)
+        # one scheduler per attribute may live in the same trainer (a temperature and a weight)
         return self._generate_state_key(attribute=self.attribute)
 
     # -- the schedule -----------------------------------------------------------------------------------------
@@ -209,13 +206,19 @@ class ScalarScheduler(Callback):
             raise ValueError(f"The temperature must stay > 0, but {what} is {value}. Set min_value > 0.")
         if last == "weight" and value < 0:
             raise ValueError(f"A term's weight must stay >= 0, but {what} is {value}. Set min_value >= 0.")
-        if self.attribute == "alpha" and not 0.0 <= value <= 1.0:
-            raise ValueError(f"alpha must stay in [0, 1], but {what} is {value}. Set min_value/max_value.")
 
     # -- hooks ------------------------------------------------------------------------------------------------
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
+    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None) -> None:
+        """A clear error, before anything is written, when ``pl_module`` has no such float to schedule, or when
+        ``temperature`` names several terms of different temperatures and no ``start`` says where to begin."""
+        if self.attribute == "temperature" and hasattr(pl_module, "common_temperature"):
+            if not pl_module.temperatures():
+                raise ValueError(f"{type(self).__name__}: no term of this {type(pl_module).__name__} has a "
+                                 f"temperature to schedule (its floats: {', '.join(pl_module.schedulable_floats())}).")
+            if self.start is None and pl_module.common_temperature() is None:
+                raise ValueError(f"{type(self).__name__}: 'temperature' moves every term's temperature, but the terms "
+                                 f"start from different ones {pl_module.temperatures()}: give `start`, or schedule one "
+                                 f"term, e.g. attribute: terms.{next(iter(pl_module.temperatures()))}.temperature.")
             return
         try:
             current = _get_attr(pl_module, self.attribute)
@@ -224,16 +227,29 @@ class ScalarScheduler(Callback):
                            if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool))
             if hasattr(pl_module, "schedulable_floats"):
                 names = sorted(set(names) | set(pl_module.schedulable_floats()))
+            hint = (" 'alpha' was the shorthand's soft weight: schedule terms.kd.weight, and terms.ce.weight (1 - alpha)"
+                    " with a second scheduler." if self.attribute == "alpha" else "")
             raise ValueError(f"{type(self).__name__}: {type(pl_module).__name__} has no attribute "
                              f"{self.attribute!r} to schedule. Its float attributes are: "
-                             f"{', '.join(names) or 'none'}.") from None
+                             f"{', '.join(names) or 'none'}.{hint}") from None
         if isinstance(current, bool) or not isinstance(current, (int, float)):
-            raise ValueError(f"TemperatureScheduler: {type(pl_module).__name__}.{self.attribute} is "
+            raise ValueError(f"{type(self).__name__}: {type(pl_module).__name__}.{self.attribute} is "
                              f"{type(current).__name__}, not a float; only float attributes can be scheduled.")
-        from kd_lightning.module import DistillationModule  # here: the module imports nothing from callbacks
 
-        logs_itself = self.attribute == "temperature" and isinstance(pl_module, DistillationModule)
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self.check_settings(pl_module, trainer.datamodule)
+        # the distillation module logs train/temperature itself
+        logs_itself = self.attribute == "temperature" and hasattr(pl_module, "temperatures")
         self._log_key = None if logs_itself else f"train/{self.attribute}"
+
+    def describe_for_hparams(self) -> dict[str, Any]:
+        """This schedule as one HPARAMS entry, e.g. ``schedule/temperature: cosine 8.0 -> 2.0 per epoch``."""
+        rate = "".join(f" {name} {value}" for name, value in (("delta", self.delta), ("gamma", self.gamma))
+                       if value is not None)
+        return {f"schedule/{self.attribute}": f"{self.schedule} {self.start} -> {self.end}{rate} per {self.interval}"}
 
     def _resolve(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._start is None:
@@ -296,8 +312,8 @@ class ScalarScheduler(Callback):
 
 
 class TemperatureScheduler(ScalarScheduler):
-    """:class:`ScalarScheduler` with ``attribute="temperature"`` by default: the distillation temperature (the
-    first term that has one). Any float can still be scheduled through ``attribute``."""
+    """:class:`ScalarScheduler` with ``attribute="temperature"`` by default: the distillation temperature (every
+    term that has one). Any float can still be scheduled through ``attribute``."""
 
     def __init__(self, schedule: Literal["constant", "step", "linear", "exponential", "cosine"] = "constant",
                  start: float | None = None, end: float | None = None, delta: float | None = None,

@@ -31,9 +31,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from kd_lightning.data.batch import Batch, WithIndex, as_batch
 from kd_lightning.data.resumable import EpochShuffleSampler, LoaderProgress, ResumableLoader, SeededSamples
 from kd_lightning.data.splits import labelled_subset
+from kd_lightning.labels import UNLABELLED, one_hot_targets
 from kd_lightning.seeding import derive_seed, run_seed, seeded_rng
-
-UNLABELLED = -100
 
 
 class PartiallyLabelled(Dataset):
@@ -51,22 +50,11 @@ class PartiallyLabelled(Dataset):
         return x, (int(y) if i in self.labelled else UNLABELLED)
 
 
-def soft_targets(labels: Tensor, num_classes: int) -> Tensor:
-    """``(B,)`` class indices (``-100`` = unlabelled) as float one-hot ``(B, K)`` with all-zero unlabelled rows;
-    ``(B, K)`` soft labels are returned as float."""
-    if labels.ndim == 2:
-        return labels.float()
-    labelled = labels != UNLABELLED
-    onehot = torch.zeros(labels.shape[0], num_classes, device=labels.device)
-    onehot[labelled, labels[labelled]] = 1.0
-    return onehot
-
-
 class BatchMix:
     """MixUp and/or CutMix (torchvision.transforms.v2) on a batch ``(x, y)``, unlabelled rows allowed.
 
     torchvision one-hots index labels itself and rejects ``-100``; here the labels are one-hot encoded first
-    (:func:`soft_targets`), which torchvision mixes as given. With both alphas > 0 each batch gets one of the
+    (:func:`kd_lightning.labels.one_hot_targets`), which torchvision mixes as given. With both alphas > 0 each batch gets one of the
     two, chosen at random.
     """
 
@@ -84,7 +72,7 @@ class BatchMix:
         self.mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.mixer(x, soft_targets(y, self.num_classes))
+        return self.mixer(x, one_hot_targets(y, self.num_classes))
 
 
 class ClassificationDataModule(LightningDataModule):

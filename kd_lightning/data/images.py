@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from kd_lightning.data.base import UNLABELLED, ClassificationDataModule
+from kd_lightning.data.base import ClassificationDataModule
+from kd_lightning.labels import UNLABELLED
 from kd_lightning.data.splits import stratified_split
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")

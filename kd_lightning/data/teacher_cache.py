@@ -14,9 +14,10 @@ the device (MixUp, CutMix, noise) changes the image after the teacher saw it: th
 with it.
 
 On disk (``folder/``): ``manifest.json`` (format, shape, storage, the fingerprint's parts) and ``logits.npy``
-``(N, K, C)`` float16 (or float32), memory-mapped; with ``top_k``, ``topk_logits.npy`` / ``topk_classes.npy``
-``(N, K, k)`` and ``rest_logit.npy`` ``(N, K)``: the other classes share the rest of the probability mass evenly
-(exact at T = 1, an approximation at other temperatures). The manifest is written last, after every rank's
+``(N, K, H, C)`` float16 (or float32) for the teacher's H heads (GoogLeNet: 3), memory-mapped, so that offline
+distillation sees exactly the heads online distillation would; with ``top_k``, ``topk_logits.npy`` /
+``topk_classes.npy`` ``(N, K, H, k)`` and ``rest_logit.npy`` ``(N, K, H)``: the other classes share the rest of the
+probability mass evenly (exact at T = 1, an approximation at other temperatures). The manifest is written last, after every rank's
 rows, so a cache without one is partial. The fingerprint covers the teacher's weights, the data files, the
 transform, the cache seed, K and the storage: :func:`stale_reason` names whatever changed.
 """
@@ -36,7 +37,7 @@ from torch.utils.data import Dataset
 
 from kd_lightning.seeding import derive_seed, seeded_cpu_rng
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every teacher head is stored (N, K, H, C)
 MANIFEST = "manifest.json"
 
 
@@ -119,13 +120,15 @@ class TeacherLogitsStore:
         return self._arrays
 
     def logits(self, index: int, view: int) -> Tensor:
-        """``(C,)`` float32 logits of view ``view`` of row ``index``."""
+        """float32 logits of view ``view`` of row ``index``: ``(C,)`` for a one-head teacher, else ``(H, C)``."""
         a = self.arrays()
         if "logits" in a:
-            return torch.from_numpy(np.array(a["logits"][index, view], dtype=np.float32))
-        full = np.full(self.manifest["num_classes"], a["rest"][index, view], dtype=np.float32)
-        full[a["classes"][index, view].astype(np.int64)] = a["values"][index, view]
-        return torch.from_numpy(full)
+            full = np.array(a["logits"][index, view], dtype=np.float32)  # (H, C)
+        else:
+            full = np.repeat(np.asarray(a["rest"][index, view], dtype=np.float32)[:, None],
+                             self.manifest["num_classes"], axis=1)  # (H, C)
+            np.put_along_axis(full, a["classes"][index, view].astype(np.int64), a["values"][index, view], axis=1)
+        return torch.from_numpy(full[0] if full.shape[0] == 1 else full)
 
     def stale_reason(self, parts: dict[str, str]) -> str | None:
         """Why this folder cannot serve a cache of ``parts`` (missing, partial, stale, damaged), or None."""
@@ -143,25 +146,25 @@ class TeacherLogitsStore:
         changed = [name for name in parts if saved.get(name) != parts[name]]
         if changed:
             return "it was built for a different " + ", ".join(changed)
-        n, k = manifest["rows"], manifest["views"]
+        n, k, h = manifest["rows"], manifest["views"], manifest["heads"]
         try:
             for name, array in self.arrays().items():
-                if tuple(array.shape[:2]) != (n, k):
+                if tuple(array.shape[:3]) != (n, k, h):
                     file = self.folder / array_files(manifest["top_k"])[name]
-                    return f"'{file}' has shape {tuple(array.shape)}, expected ({n}, {k}, ...)"
+                    return f"'{file}' has shape {tuple(array.shape)}, expected ({n}, {k}, {h}, ...)"
         except (OSError, ValueError) as err:  # np.load of a truncated .npy: "mmap length is greater than file size"
             self._arrays = None
             return f"a cache file is damaged or truncated ({err})"
         return None
 
     # -- writing (rank 0 creates and finishes; every rank writes its rows) --------------------------------------
-    def create(self, rows: int, views: int, num_classes: int, dtype: str, top_k: int | None) -> None:
+    def create(self, rows: int, views: int, heads: int, num_classes: int, dtype: str, top_k: int | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)  # partial from now until finish()
         for stale in [*array_files(None).values(), *array_files(1).values()]:
             (self.folder / stale).unlink(missing_ok=True)
-        shapes = {"logits": (rows, views, num_classes)} if top_k is None else \
-            {"values": (rows, views, top_k), "classes": (rows, views, top_k), "rest": (rows, views)}
+        shapes = {"logits": (rows, views, heads, num_classes)} if top_k is None else \
+            {"values": (rows, views, heads, top_k), "classes": (rows, views, heads, top_k), "rest": (rows, views, heads)}
         types = {"logits": dtype, "values": dtype, "classes": "int32", "rest": "float32"}
         for name, file in array_files(top_k).items():
             np.lib.format.open_memmap(self.folder / file, mode="w+", dtype=types[name], shape=shapes[name]).flush()
@@ -169,15 +172,15 @@ class TeacherLogitsStore:
     def open_for_writing(self, top_k: int | None) -> None:
         self._arrays = {name: np.load(self.folder / file, mmap_mode="r+") for name, file in array_files(top_k).items()}
 
-    def write(self, index: Sequence[int], view: Sequence[int], logits: Tensor, top_k: int | None) -> None:
-        """Store ``(B, C)`` logits for rows ``index`` and views ``view``."""
+    def write(self, index: Sequence[int], view: Sequence[int], heads: Sequence[Tensor], top_k: int | None) -> None:
+        """Store the teacher's heads, each ``(B, C)``, for rows ``index`` and views ``view``."""
         a = self.arrays()
         i, v = np.asarray(index), np.asarray(view)
-        logits = logits.detach().float().cpu()
+        logits = torch.stack([h.detach().float().cpu() for h in heads], dim=1)  # (B, H, C)
         if top_k is None:
             a["logits"][i, v] = logits.numpy()
             return
-        values, classes = logits.topk(top_k, dim=-1)  # (B, k)
+        values, classes = logits.topk(top_k, dim=-1)  # (B, H, k)
         log_p = logits.log_softmax(-1)
         rest = (1 - log_p.gather(-1, classes).exp().sum(-1)).clamp_min(1e-12)  # the mass outside the top k
         spread = rest / max(1, logits.shape[-1] - top_k)
@@ -191,9 +194,9 @@ class TeacherLogitsStore:
                 array.flush()
         self._arrays = None
 
-    def finish(self, rows: int, views: int, num_classes: int, dtype: str, top_k: int | None,
+    def finish(self, rows: int, views: int, heads: int, num_classes: int, dtype: str, top_k: int | None,
                parts: dict[str, str]) -> None:
-        manifest = {"format": FORMAT_VERSION, "rows": rows, "views": views, "num_classes": num_classes,
+        manifest = {"format": FORMAT_VERSION, "rows": rows, "views": views, "heads": heads, "num_classes": num_classes,
                     "dtype": dtype, "top_k": top_k, "fingerprint": fingerprint(parts), "parts": parts}
         tmp = self.folder / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))

@@ -25,9 +25,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.study import add_study_options, run_from_options
+from kd_lightning.commands.study import add_study_options, run_from_options
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 STUDIES = {"all": EXPERIMENTS / "digits" / "study.yaml", "same": EXPERIMENTS / "digits" / "study_same_labels.yaml"}
 DEFAULT_OUT = {"all": "logs/quickstart", "same": "logs/quickstart_same_labels"}
 

@@ -22,14 +22,14 @@ from lightning.pytorch import LightningDataModule
 from torch import nn
 
 import kd_lightning.data  # noqa: F401 - so that `--data.help` and configs know kd_lightning's DataModules by name
-from kd_lightning.cli import _exit_with_error, _root_cause
-from kd_lightning.models.loading import Architecture, checkpoint_architecture, load_model
+from kd_lightning.checkpoints import Architecture, checkpoint_architecture, read_checkpoint
+from kd_lightning.commands.errors import root_cause
+from kd_lightning.models.loading import load_model
 
 # top-level sections of a LightningCLI config other than `data`: accepted so that an experiment's files (or a
 # run's saved config.yaml) can be passed as they are, and not used
-_OTHER_CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "checkpoint", "last_checkpoint", "optimizer",
-                          "lr_scheduler",
-                          "ckpt_path", "weights_only")
+_OTHER_CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "optim", "name", "teacher_run", "checkpoint",
+                          "last_checkpoint", "ckpt_path", "weights_only")
 _ARCHITECTURE = re.compile(r"^\s*(?P<name>[A-Za-z_]\w*)\s*(?P<kwargs>\{.*\})?\s*$", re.DOTALL)
 
 
@@ -58,7 +58,7 @@ def instantiate_data(parser: ArgumentParser, cfg: Namespace) -> LightningDataMod
     try:
         data = instantiate(data_only).data
     except Exception as err:  # jsonargparse wraps a constructor's error (a missing data folder) in its own
-        cause = _root_cause(err)
+        cause = root_cause(err)
         if isinstance(cause, (ValueError, FileNotFoundError)) and cause is not err:
             raise cause from err
         raise
@@ -107,7 +107,8 @@ def load_trained(path: str, num_classes: int, arch: Architecture | None = None) 
     strictly (:func:`kd_lightning.models.loading.load_model`): a checkpoint of another architecture or class count
     raises a ValueError that names what the checkpoint holds and what was asked for.
     """
-    held = checkpoint_architecture(path)
+    blob = read_checkpoint(path, "checkpoint")
+    held = checkpoint_architecture(blob)
     wanted = arch or held
     if wanted is None:
         raise ValueError(f"{path!r} is a plain state_dict, which does not record its architecture: name it with "
@@ -121,10 +122,3 @@ def load_trained(path: str, num_classes: int, arch: Architecture | None = None) 
                          f"asked for {arch} with {num_classes} classes.") from err
 
 
-def run_reporting_errors(command: Callable[[], Any]) -> Any:
-    """Run ``command``; a ValueError/FileNotFoundError (bad input) becomes one line
-    ``kd-lightning: error: ...`` on stderr and exit status 2, as in ``kd-lightning fit``."""
-    try:
-        return command()
-    except (ValueError, FileNotFoundError) as err:
-        _exit_with_error(err)

@@ -26,18 +26,20 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
-from kd_lightning.checkpoint_cli import (
+from kd_lightning.commands.inputs import (
     data_parser,
     instantiate_data,
     load_trained,
     parse_architecture,
     parse_named_path,
-    run_reporting_errors,
     split_loader,
 )
+from kd_lightning.commands.errors import run_reporting_errors
 from kd_lightning.measure import count_parameters, flops_per_image, latency_us, size_on_disk_kb
-from kd_lightning.models.loading import Architecture
-from kd_lightning.module import IGNORE_INDEX, as_heads
+from kd_lightning.checkpoints import Architecture
+from kd_lightning.core import as_heads
+from kd_lightning.labels import labelled_mask
+from kd_lightning.metrics import entropy
 
 ECE_BINS = 15  # the usual choice since Guo et al. (2017)
 RESULT_FIELDS = ("model", "role", "images", "top1", "top5", "ece", "entropy", "agreement", "params", "size_kb",
@@ -56,11 +58,6 @@ def _quality_metrics(num_classes: int, with_teacher: bool) -> dict[str, Metric]:
     if with_teacher:
         metrics["agreement"] = MulticlassAccuracy(num_classes, average="micro")
     return metrics
-
-
-def entropy(probs: Tensor) -> Tensor:
-    r"""Per-row entropy :math:`H(p) = -\sum_k p_k \log p_k` in nats (0 for a one-hot row, log K for uniform)."""
-    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
 
 
 def evaluate_models(models: Mapping[str, nn.Module], dataloader: Iterable[Sequence[Tensor]], num_classes: int,
@@ -97,19 +94,19 @@ def evaluate_models(models: Mapping[str, nn.Module], dataloader: Iterable[Sequen
             x, y = batch[0], batch[1]
             if y.ndim != 1:
                 raise ValueError(f"Evaluation needs class-index labels (B,), got labels of shape {tuple(y.shape)}.")
-            labelled = y != IGNORE_INDEX
+            labelled = labelled_mask(y)
             x, y = x[labelled], y[labelled]
             if len(y) == 0:
                 continue
             input_shape = tuple(x.shape[1:])
             images += len(y)
-            probs = {name: _main_logits(net(x), name, num_classes).float().softmax(-1) for name, net in models.items()}
-            teacher_top1 = probs[teacher_name].argmax(-1) if teacher_name is not None else None
+            logits = {name: _main_logits(net(x), name, num_classes).float() for name, net in models.items()}
+            teacher_top1 = logits[teacher_name].argmax(-1) if teacher_name is not None else None
             for name, model_metrics in metrics.items():
-                p = probs[name]
+                p = logits[name].softmax(-1)
                 for key, metric in model_metrics.items():
                     if key == "entropy":
-                        metric.update(entropy(p))
+                        metric.update(entropy(logits[name]))
                     elif key == "agreement":
                         metric.update(p, teacher_top1)
                     else:

@@ -22,16 +22,16 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.checkpoint_cli import (
+from kd_lightning.commands.inputs import (
     data_parser,
     instantiate_data,
     load_trained,
     parse_architecture,
     parse_named_path,
-    run_reporting_errors,
     split_loader,
 )
-from kd_lightning.module import as_heads
+from kd_lightning.commands.errors import run_reporting_errors
+from kd_lightning.core import as_heads
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}

@@ -1,25 +1,29 @@
-"""``kd-lightning``: LightningCLI for experiment configs, plus the embedded quickstart.
+"""``kd-lightning fit | validate | test | predict``: LightningCLI on experiment configs.
 
     kd-lightning fit --config experiments/digits/base.yaml --config experiments/digits/kd.yaml
-    kd-lightning test --config ... --ckpt_path logs/.../checkpoints/best.ckpt
-    kd-lightning fit --config ... --ckpt_path logs/.../checkpoints/last.ckpt   # resume, same log version
-    kd-lightning quickstart
-    kd-lightning evaluate --config ... --teacher CKPT --students CKPT ... --out DIR   # see kd_lightning/evaluate.py
-    kd-lightning export --config ... --student CKPT --out DIR                       # see kd_lightning/export.py
+    kd-lightning test --config ... --ckpt_path logs/digits/kd/version_0/checkpoints/best.ckpt
+    kd-lightning fit --config ... --ckpt_path logs/digits/kd/version_0/checkpoints/last.ckpt   # resume
 
-Configs use ``class_path``/``init_args``; several ``--config`` files merge left to right, and the resolved
-config is saved as ``config.yaml`` beside the run's TensorBoard logs. ``num_classes`` is linked from the
-DataModule into the model, so a config never writes it twice.
+Configs use ``class_path``/``init_args``; several ``--config`` files merge left to right. Besides Lightning's
+sections (``trainer``, ``model``, ``data``, ``seed_everything``, ``ckpt_path``) a config has:
+
+* ``optim``: the optimizer and LR schedule (:class:`kd_lightning.optim.OptimizerRecipe`), linked into the model;
+* ``name``: the run's name: it logs to ``<save_dir>/<name>/version_<n>/`` (TensorBoard events, ``config.yaml``,
+  ``checkpoints/best.ckpt`` and ``last.ckpt``);
+* ``teacher_run``: the name of the run that trained the teacher: a KD run without ``teacher_checkpoint`` distils
+  from that run's newest ``best.ckpt``;
+* ``checkpoint`` (the best ``val/acc``, Lightning's ModelCheckpoint) and ``last_checkpoint`` (``last.ckpt``).
+
+``num_classes`` is linked from the DataModule into the model, so a config never writes it twice.
 """
 
 from __future__ import annotations
 
-import importlib
+import glob
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,24 +33,33 @@ import kd_lightning.callbacks  # noqa: F401
 import kd_lightning.data  # noqa: F401
 import kd_lightning.module  # noqa: F401
 from kd_lightning.callbacks.last_checkpoint import RUN_KEY, LastCheckpoint, slurm_job_id
+from kd_lightning.checkpoints import architecture_settings, check_state_fits, is_lightning_checkpoint, read_checkpoint
+from kd_lightning.commands.errors import INPUT_ERRORS, exit_with_error, plain_value, root_cause
+from kd_lightning.optim import OptimizerRecipe
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        # hp_metric is replaced by the modules' own hp/* metrics (TensorBoard's HPARAMS tab)
+        # hp_metric is replaced by the modules' own HPARAMS metrics
         "init_args": {"save_dir": "logs", "name": "kd", "default_hp_metric": False},
     },
 }
 
 
 class KDLightningCLI(LightningCLI):
-    """LightningCLI with kd_lightning's defaults: TensorBoard under ``logs/``, a checkpoint of the best
-    ``val/acc`` (settable as ``checkpoint.*``), ``last.ckpt`` as the latest state (:class:`LastCheckpoint`,
-    settable as ``last_checkpoint.*``), resuming into the same log version, SLURM requeue, and model, data and
-    checkpoint checks before anything is written."""
+    """LightningCLI with kd_lightning's sections and defaults (see the module docstring), resuming into the same
+    log version, SLURM requeue, and model, data and checkpoint checks before anything is written."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_class_arguments(OptimizerRecipe, "optim", help="the optimizer and LR schedule of the run")
+        parser.link_arguments("optim", "model.init_args.optim", apply_on="instantiate")
+        parser.add_argument("--name", type=Optional[str], default=None,
+                            help="the run's name: logs, config.yaml and checkpoints go to "
+                                 "<save_dir>/<name>/version_<n>/ (default: the logger's name)")
+        parser.add_argument("--teacher_run", type=Optional[str], default=None,
+                            help="the name of the teacher's run: without model.init_args.teacher_checkpoint, a KD "
+                                 "run distils from its newest best.ckpt (<save_dir>/<teacher_run>/*/checkpoints/)")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
                              "checkpoint.filename": "best"})
@@ -61,21 +74,31 @@ class KDLightningCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
             try:
-                self._resume_from = _read_checkpoint(ckpt_path)
-                check_checkpoint_matches_config(self._resume_from, self.config[self.config.subcommand].get("model"),
+                checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
+                if not is_lightning_checkpoint(checkpoint):
+                    raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (no 'state_dict' "
+                                     "entry); a plain state_dict file can be a teacher_checkpoint, but not a run to "
+                                     "resume or test.")
+                check_checkpoint_matches_config(checkpoint, self.config[self.config.subcommand].get("model"),
                                                 ckpt_path)
-            except ValueError as err:
-                _exit_with_error(err)
+                self._resume_from = checkpoint
+            except INPUT_ERRORS as err:
+                exit_with_error(err)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        """Choose the log version (a resumed run continues its own; a SLURM job logs to ``slurm_<job id>``).
-        Config edits only: nothing is written before the checks are done."""
+        """Apply the run's name, find the teacher of ``teacher_run`` and choose the log version (a resumed run
+        continues its own; a SLURM job logs to ``slurm_<job id>``). Config edits only: nothing is written."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        ckpt_path = config.get("ckpt_path")
+        logger = _logger_init_args(config)
+        if config.get("name") and logger is not None:
+            logger["name"] = config["name"]
+        try:
+            resolve_teacher_run(config, logger)
+        except INPUT_ERRORS as err:
+            exit_with_error(err)
         if self.subcommand != "fit":
             return
-        logger = _logger_init_args(config)
         if self._resume_from is not None and logger is not None:
             # Continue the run's own log version (one TensorBoard curve), unless the config names another.
             run = self._resume_from.get(RUN_KEY) or {}
@@ -89,7 +112,8 @@ class KDLightningCLI(LightningCLI):
                     and os.path.normpath(os.path.join(place, _version_folder(version))) == os.path.normpath(saved_dir):
                 # TensorBoard drops what the stopped run logged after its checkpoint: no doubled points
                 logger["purge_step"] = self._resume_from.get("global_step")
-        elif ckpt_path is None and logger is not None and logger.get("version") is None and _in_slurm_job():
+        elif config.get("ckpt_path") is None and logger is not None and logger.get("version") is None \
+                and _in_slurm_job():
             # One log folder per SLURM job, so that the requeued job (same id) finds its own last.ckpt.
             logger["version"] = f"slurm_{slurm_job_id()}"
         if _in_slurm_job() and logger is not None and config.trainer.get("default_root_dir") is None:
@@ -105,9 +129,9 @@ class KDLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:  # noqa: BLE001 - re-raised unless it is one of our clear input errors
-            cause = _root_cause(err)
-            if isinstance(cause, (ValueError, FileNotFoundError)) and cause is not err:
-                _exit_with_error(cause)
+            cause = root_cause(err)
+            if isinstance(cause, INPUT_ERRORS) and cause is not err:
+                exit_with_error(cause)
             raise
 
     def _check_model_fits_data(self) -> None:
@@ -115,12 +139,11 @@ class KDLightningCLI(LightningCLI):
         input_shape = getattr(self.datamodule, "input_shape", None)
         if input_shape is not None and hasattr(self.model, "check_input_shape"):
             self.model.check_input_shape(input_shape)
-        if self.subcommand == "fit":  # callbacks that check their settings against the model in setup
+        if self.subcommand == "fit":  # callbacks check their settings against the model, without side effects
             for callback in self.trainer.callbacks:
-                if hasattr(callback, "check_settings"):  # checks without side effects (TeacherCache)
-                    callback.check_settings(self.model, self.datamodule)
-                elif getattr(callback, "checks_settings_at_setup", False):
-                    callback.setup(self.trainer, self.model, "fit")
+                check = getattr(callback, "check_settings", None)
+                if callable(check):
+                    check(self.model, self.datamodule)
         if self._resume_from is not None:
             check_checkpoint_fits(self._resume_from, self.model, self.config[self.subcommand]["ckpt_path"])
 
@@ -135,7 +158,7 @@ class KDLightningCLI(LightningCLI):
         path = last[0].checkpoint_path(self.trainer) if last else None
         if path is None or not os.path.isfile(path):
             return  # nothing of ours: Lightning's own hpc_ckpt in default_root_dir, if any, is used
-        checkpoint = _read_checkpoint(path)
+        checkpoint = read_checkpoint(path, "last.ckpt")
         if (checkpoint.get(RUN_KEY) or {}).get("slurm_job_id") != slurm_job_id():
             return  # a fixed checkpoint folder holding another job's run: never resume someone else's state
         check_checkpoint_fits(checkpoint, self.model, path)
@@ -146,16 +169,37 @@ class KDLightningCLI(LightningCLI):
         try:
             self._check_model_fits_data()
             self._resume_requeued_slurm_job()
-        except ValueError as err:
-            _exit_with_error(err)
+        except INPUT_ERRORS as err:
+            exit_with_error(err)
 
     def before_validate(self) -> None:
         try:
             self._check_model_fits_data()
-        except ValueError as err:
-            _exit_with_error(err)
+        except INPUT_ERRORS as err:
+            exit_with_error(err)
 
     before_test = before_validate
+    before_predict = before_validate
+
+
+def resolve_teacher_run(config: Any, logger: Any) -> None:
+    """Set ``model.init_args.teacher_checkpoint`` from ``teacher_run`` (the newest ``best.ckpt`` of that run) when
+    the model has a teacher to load and no checkpoint is given."""
+    init_args = (config.get("model") or {}).get("init_args") if hasattr(config.get("model"), "get") else None
+    teacher_run = config.get("teacher_run")
+    if not teacher_run or init_args is None or "teacher_checkpoint" not in init_args:
+        return
+    if init_args.get("teacher") is None or init_args.get("teacher_checkpoint") is not None \
+            or init_args.get("teacher_pretrained"):
+        return
+    save_dir = (logger.get("save_dir") if logger is not None else None) or "logs"
+    found = glob.glob(os.path.join(glob.escape(os.path.join(save_dir, teacher_run)), "*", "checkpoints", "best.ckpt"))
+    if not found:
+        raise FileNotFoundError(
+            f"teacher_run {teacher_run!r}: no trained teacher yet (no {os.path.join(save_dir, teacher_run)}/*/"
+            f"checkpoints/best.ckpt, resolved from {os.getcwd()!r}). Train it first (kd-lightning fit with the "
+            "folder's teacher.yaml), or give --model.init_args.teacher_checkpoint PATH.")
+    init_args["teacher_checkpoint"] = max(found, key=os.path.getmtime)
 
 
 def _version_folder(version: int | str) -> str:
@@ -178,28 +222,6 @@ def _logger_init_args(config: Any) -> Any:
     return init_args
 
 
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    """The checkpoint at ``path`` (memory-mapped, tensors only), or a clear error saying what is wrong."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--ckpt_path {path!r} does not exist (resolved from {os.getcwd()!r}). Pass a .ckpt "
-                          "written by `kd-lightning fit`: logs/<name>/version_<n>/checkpoints/last.ckpt to resume, "
-                          "best.ckpt to evaluate the best epoch.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any reason the file cannot be read is the same input error
-        raise ValueError(f"--ckpt_path {path!r} cannot be read as a checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}). Is it truncated, or not a .ckpt "
-                          "written by Lightning?") from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry); a plain "
-                          "state_dict file can be a teacher_checkpoint, but not a run to resume or test.")
-    return checkpoint
-
-
-# the hyperparameters that decide the trained networks' shapes, per module class
-_ARCHITECTURE_ARGS = ("model", "model_kwargs", "student", "student_kwargs")
-
-
 def check_checkpoint_matches_config(checkpoint: dict[str, Any], model_config: Any, path: str) -> None:
     """A clear error when the checkpoint's saved hyperparameters name another module class, or other networks,
     than the config's ``model`` section (LightningCLI would otherwise switch to the checkpoint's silently)."""
@@ -212,63 +234,19 @@ def check_checkpoint_matches_config(checkpoint: dict[str, Any], model_config: An
                          f"a {config_class.rsplit('.', 1)[-1]} ({config_class}). Resume or test with the config the "
                          "checkpoint was trained with.")
     init_args = model_config.get("init_args") or {}
-    differ = [f"{key}: {saved[key]!r} in the checkpoint, {plain_value(init_args.get(key))!r} in the config"
-              for key in _ARCHITECTURE_ARGS
-              if key in saved and key in init_args and plain_value(init_args.get(key)) != plain_value(saved[key])]
+    differ = [f"{key}: {value!r} in the checkpoint, {plain_value(init_args.get(key))!r} in the config"
+              for key, value in architecture_settings(saved).items()
+              if key in init_args and plain_value(init_args.get(key)) != plain_value(value)]
     if differ:
         raise ValueError(f"--ckpt_path {path!r} was trained with another architecture than the config asks for "
                          f"({'; '.join(differ)}). Use the model settings of the run that wrote the checkpoint.")
 
 
-def plain_value(value: Any) -> Any:
-    """jsonargparse Namespaces and tuples as plain dicts and lists, as YAML gives them back: to compare a config's
-    values with saved hyperparameters or a signature's defaults (``(0.25, 1.0)`` equals ``[0.25, 1.0]``)."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: plain_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_value(v) for v in value]
-    return value
-
-
 def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> None:
     """A clear error when ``checkpoint`` was written by another module class or for other networks than
     ``model``'s (Lightning would fail later with a long key listing, after logs were written)."""
-    saved = checkpoint["state_dict"]
-    own = model.state_dict()
-    saved_roots, own_roots = {k.split(".", 1)[0] for k in saved}, {k.split(".", 1)[0] for k in own}
-    holder = {"model": "ClassifierModule (a teacher or scratch run: model.* weights)",
-              "student": "DistillationModule (a KD run: student.* weights)"}
-    if saved_roots != own_roots:
-        found = " / ".join(holder.get(r, f"{r}.*") for r in sorted(saved_roots)) or "no weights"
-        wanted = " / ".join(holder.get(r, f"{r}.*") for r in sorted(own_roots))
-        raise ValueError(f"--ckpt_path {path!r} holds a {found}, but the config trains a {type(model).__name__}: "
-                         f"{wanted}. Resume or test with the config the checkpoint was trained with.")
-    differ = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} in the config"
-              for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
-    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-    if differ or missing or extra:
-        details = "; ".join(differ[:3] + ([f"missing {missing[:3]}"] if missing else [])
-                            + ([f"unexpected {extra[:3]}"] if extra else []))
-        raise ValueError(f"--ckpt_path {path!r} was trained with another {'/'.join(sorted(own_roots))} "
-                         f"architecture than the config builds ({details}). Check the model name and its "
-                         "*_kwargs against the run that wrote the checkpoint.")
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    """The deepest ValueError/FileNotFoundError in the ``__cause__`` chain (our message), else ``err``."""
-    found = err
-    while err.__cause__ is not None:
-        err = err.__cause__
-        if isinstance(err, (ValueError, FileNotFoundError)):
-            found = err
-    return found
-
-
-def _exit_with_error(err: BaseException) -> None:
-    print(f"kd-lightning: error: {err}", file=sys.stderr)
-    sys.exit(2)
+    check_state_fits(checkpoint["state_dict"], model.state_dict(), f"--ckpt_path {path!r}",
+                     f"a {type(model).__name__}")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
@@ -278,22 +256,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
     return KDLightningCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
         parser_kwargs={"description": __doc__, "allow_abbrev": False},
     )
 
 
-# kd-lightning's own subcommands beside LightningCLI's fit/validate/test/predict: module with a main(argv)
-_COMMANDS = {"quickstart": "kd_lightning.quickstart", "study": "kd_lightning.study",
-             "evaluate": "kd_lightning.evaluate", "export": "kd_lightning.export"}
-
-
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
-        importlib.import_module(_COMMANDS[sys.argv[1]]).main(sys.argv[2:])
-        return
-    cli_main()
-
-
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> None:
+    cli_main(argv)
