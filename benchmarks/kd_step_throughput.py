@@ -87,7 +87,7 @@ def lightning_ips(args, teacher: torch.nn.Module, batches: list[Batch], device: 
     carry cached teacher logits)."""
     torch.manual_seed(0)
     module = DistillationModule(student=student_network(args), teacher=teacher, num_classes=args.num_classes,
-                                lr=0.01, lr_scheduler="none", channels_last=args.channels_last)
+                                optim=dict(lr=0.01, lr_scheduler="none"), channels_last=args.channels_last)
     clock = Clock(warmup=3, device=device)
     precision = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}[args.precision]
     trainer = L.Trainer(max_epochs=1, accelerator=device.type, devices=1, precision=precision,

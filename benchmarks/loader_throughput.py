@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*in eval mode at the start of training.*")
 
-    from kd_lightning.cli import cli_main
+    from kd_lightning.commands.cli import cli_main
 
     cli = cli_main(cli_args, run=False)
     dm, module = cli.datamodule, cli.model

@@ -58,9 +58,7 @@ class _TrainingModule(Distiller, LightningModule):
     def __init__(self, network: nn.Module, terms: Terms, teacher: nn.Module | None, num_classes: int | None,
                  optim: OptimizerRecipe | Mapping[str, Any] | None, teacher_precision: str, channels_last: bool,
                  compile_value: bool | Mapping[str, Any] | None, compile_arg: str) -> None:
-        if num_classes is None or num_classes < 1:
-            raise ValueError("num_classes is required (a positive int); under `kd-lightning` it comes from the "
-                             f"DataModule's num_classes. Got {num_classes!r}.")
+        _check_num_classes(num_classes)
         if not isinstance(channels_last, bool):
             raise ValueError(f"channels_last must be true or false, got {channels_last!r}.")
         super().__init__(network, terms, teacher, teacher_precision)
@@ -76,11 +74,7 @@ class _TrainingModule(Distiller, LightningModule):
         self.last_step_stats: Tensor | None = None  # step_statistics of the last step a callback asked for
         self._stats_settings = {"detailed": False, "per_sample": False}
         self.metrics = self._make_metrics()
-
-    def _saved_hparams(self) -> None:
-        """Checkpoints keep the recipe as a plain dict (``weights_only`` loading reads no objects)."""
-        if "optim" in self.hparams:
-            self.hparams["optim"] = self.optim.as_dict()
+        self.best_val_acc: float | None = None  # the best val/acc so far, logged as val/acc_best (HPARAMS)
 
     # -- GPU paths: channels_last memory format, torch.compile ------------------------------------------------------
     def _prepare(self, batch: Any) -> Any:
@@ -126,11 +120,14 @@ class _TrainingModule(Distiller, LightningModule):
         else:
             logged.update({f"train/temperature_{name}": value for name, value in temperatures.items()})
         self.log_dict(logged)
+        student_logits = out.student_logits.detach()
         if self._step_stats_due and out.teacher_logits:
             self._step_stats_due = False
-            self.last_step_stats = step_statistics(out.student_logits.detach(), out.teacher_logits[0],
+            self.last_step_stats = step_statistics(student_logits, out.teacher_logits[0],
                                                    self.common_temperature() or 1.0)
-        return {"loss": losses["loss"]}
+        # the logits go out for whoever runs the step by hand; no callback depends on them
+        return {"loss": losses["loss"], "student_logits": student_logits,
+                **({"teacher_logits": out.teacher_logits[0]} if out.teacher_logits else {})}
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         out = self.step(self._prepare(batch), self.current_epoch, self.run_network)
@@ -199,6 +196,9 @@ class _TrainingModule(Distiller, LightningModule):
         results = self.distillation_results(stage)
         if results is not None:
             values.update(agreement=results["agreement"], kl=results["kl_T1"])
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.best_val_acc = max(self.best_val_acc or 0.0, float(values["acc"]))
+            values["acc_best"] = torch.tensor(self.best_val_acc)
         # already reduced by torchmetrics; sync_dist only re-averages equal values and keeps Lightning quiet
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
         for metric in metrics.values():
@@ -215,10 +215,12 @@ class _TrainingModule(Distiller, LightningModule):
         # directly (as TensorBoardLogger does inside): no fake metric points at step 0.
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
-                names = [f"val/{name}" for name in ("acc", "teacher_acc") if name in self.metrics["val"]]
+                names = ["val/acc", "val/acc_best", "test/acc"]
+                if self.teacher is not None:
+                    names += ["val/teacher_acc", "val/agreement", "val/kl"]
                 writer = logger.experiment.file_writer  # SummaryWriter's event file writer (public attribute)
                 params = comparable_hparams(self.trainer)
-                for summary in hparams_summary(params, {name: math.nan for name in names + ["test/acc"]}):
+                for summary in hparams_summary(params, {name: math.nan for name in names}):
                     writer.add_summary(summary)
 
     # -- setup: shapes, memory format ----------------------------------------------------------------------------
@@ -241,12 +243,14 @@ class _TrainingModule(Distiller, LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best_val_acc"] = self.best_val_acc
         if self.teacher is not None:
             checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
         if self._input_shape is not None:
             checkpoint["distillation_input_shape"] = list(self._input_shape)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_val_acc = checkpoint.get("best_val_acc")
         # adapters must exist before their weights are loaded (load_from_checkpoint, or a resume without setup)
         shape = checkpoint.get("distillation_input_shape")
         if shape is not None and not all(t.built for t in self.terms.values()):
@@ -298,7 +302,7 @@ class DistillationModule(_TrainingModule):
                  teacher_pretrained: bool = False,
                  terms: dict[str, DistillationTerm] | list[DistillationTerm] | None = None,
                  temperature: float | None = None, alpha: float | None = None,
-                 teacher_weights: list[float] | None = None, optim: OptimizerRecipe | None = None,
+                 teacher_weights: list[float] | None = None, optim: OptimizerRecipe | dict[str, Any] | None = None,
                  teacher_precision: str = "32", channels_last: bool = False,
                  compile_student: bool | dict[str, Any] = False) -> None:
         if num_classes is None and isinstance(teacher, nn.Module):
@@ -307,6 +311,7 @@ class DistillationModule(_TrainingModule):
             if num_classes is not None and student_width is not None and student_width != num_classes:
                 raise ValueError(f"The student's head gives {student_width} class scores but the teacher's gives "
                                  f"{num_classes}: teacher and student must agree on the class count.")
+        _check_num_classes(num_classes)
         shorthand = {k: v for k, v in (("temperature", temperature), ("alpha", alpha),
                                        ("teacher_weights", teacher_weights)) if v is not None}
         if terms is not None and shorthand:
@@ -318,20 +323,23 @@ class DistillationModule(_TrainingModule):
                 f"teacher_pretrained=True gives an ImageNet teacher with 1000 classes, but the data has {num_classes}."
                 " Fine-tune the teacher first (ClassifierModule with pretrained: true) and pass its checkpoint as "
                 "teacher_checkpoint.")
-        if terms is None:
-            terms = shorthand_terms(**shorthand) if teacher is not None else {"ce": CrossEntropy()}
+        if terms is not None:
+            loss_terms = terms
+        else:  # a local of its own: save_hyperparameters reads the arguments as given from this frame
+            loss_terms = shorthand_terms(**shorthand) if teacher is not None else {"ce": CrossEntropy()}
         student_net = student if isinstance(student, nn.Module) else load_model(
             student, num_classes, **(student_kwargs or {}))
         teacher_net = teacher if not isinstance(teacher, str) else load_model(
             teacher, num_classes, checkpoint=teacher_checkpoint, pretrained=teacher_pretrained,
             role="teacher_checkpoint", **(teacher_kwargs or {}))
-        super().__init__(student_net, terms, teacher_net, num_classes, optim, teacher_precision, channels_last,
+        recipe = OptimizerRecipe.of(optim)
+        optim = recipe.as_dict()  # checkpoints keep the recipe as a plain dict: weights_only loading reads no objects
+        super().__init__(student_net, loss_terms, teacher_net, num_classes, recipe, teacher_precision, channels_last,
                          compile_student, "compile_student")
         self.save_hyperparameters(ignore=[k for k, v in (("student", student), ("teacher", teacher))
                                           if isinstance(v, nn.Module)] or None)
         if any(isinstance(t, nn.Module) for t in _values(self.hparams.get("terms"))):
             del self.hparams["terms"]  # term objects from Python are rebuilt by the caller, not pickled
-        self._saved_hparams()
 
 
 class ClassifierModule(_TrainingModule):
@@ -352,15 +360,24 @@ class ClassifierModule(_TrainingModule):
     def __init__(self, model: str | nn.Module = "resnet18", num_classes: int | None = None,
                  model_kwargs: dict[str, Any] | None = None, pretrained: bool = False, checkpoint: str | None = None,
                  head_weights: list[float] | None = None, label_smoothing: float = 0.0,
-                 optim: OptimizerRecipe | None = None, channels_last: bool = False,
+                 optim: OptimizerRecipe | dict[str, Any] | None = None, channels_last: bool = False,
                  compile_model: bool | dict[str, Any] = False) -> None:
+        if not isinstance(model, nn.Module):
+            _check_num_classes(num_classes)
         network = model if isinstance(model, nn.Module) else load_model(
             model, num_classes, checkpoint=checkpoint, pretrained=pretrained, role="checkpoint", **(model_kwargs or {}))
         terms = {"ce": CrossEntropy(head_weights=head_weights, label_smoothing=label_smoothing)}
-        super().__init__(network, terms, None, num_classes, optim, "32", channels_last, compile_model,
+        recipe = OptimizerRecipe.of(optim)
+        optim = recipe.as_dict()  # checkpoints keep the recipe as a plain dict: weights_only loading reads no objects
+        super().__init__(network, terms, None, num_classes, recipe, "32", channels_last, compile_model,
                          "compile_model")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        self._saved_hparams()
+
+
+def _check_num_classes(num_classes: int | None) -> None:
+    if num_classes is None or num_classes < 1:
+        raise ValueError("num_classes is required (a positive int); under `kd-lightning` it comes from the "
+                         f"DataModule's num_classes. Got {num_classes!r}.")
 
 
 def _values(terms: Any) -> list[Any]:

@@ -43,12 +43,12 @@ def digits_checkpoints(tmp_path_factory) -> DigitsCheckpoints:
         trainer.save_checkpoint(path)
         return path
 
-    teacher = fit(ClassifierModule("mlp", 10, model_kwargs=TEACHER_KWARGS, **optimizer), "teacher")
+    teacher = fit(ClassifierModule("mlp", 10, model_kwargs=TEACHER_KWARGS, optim=optimizer), "teacher")
     kd_module = DistillationModule(student="mlp", student_kwargs=STUDENT_KWARGS, teacher="mlp",
                                    teacher_kwargs=TEACHER_KWARGS, teacher_checkpoint=str(teacher), num_classes=10,
-                                   **optimizer)
+                                   optim=optimizer)
     kd = fit(kd_module, "kd")
-    scratch = fit(ClassifierModule("mlp", 10, model_kwargs=STUDENT_KWARGS, **optimizer), "scratch")
+    scratch = fit(ClassifierModule("mlp", 10, model_kwargs=STUDENT_KWARGS, optim=optimizer), "scratch")
     state_dict = root / "student_state_dict.pt"
     torch.save(kd_module.student.state_dict(), state_dict)
     return DigitsCheckpoints(teacher, kd, scratch, state_dict)

@@ -97,8 +97,7 @@ def _run_ddp(out: Path, naive: bool) -> dict:
     pl.seed_everything(0)
     model = DistillationModule(student=nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
                                                      nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)),
-                               teacher=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10, lr=0.1,
-                               lr_scheduler="none")  # SGD, momentum 0.9, weight decay 5e-4
+                               teacher=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10, optim=dict(lr=0.1, lr_scheduler="none"))  # SGD, momentum 0.9, weight decay 5e-4
     kl_logger = KLDivergenceLogger(log_every_n_steps=2)  # its per-step statistics are averaged over the ranks
     unfreezing = NaiveFinetuning() if naive else ProgressiveUnfreezing(STAGES, verbose=False)
     # a fixed version: the forked rank 0 writes the folder that this process reads afterwards

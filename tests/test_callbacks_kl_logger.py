@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning import ClassifierModule, DistillationModule
 from kd_lightning.callbacks import KLDivergenceLogger
-from kd_lightning.callbacks.kl_divergence_logger import DistillationStats
+from kd_lightning.metrics import DistillationStats
 from kd_lightning.data import DigitsDataModule
-from kd_lightning.losses import entropy, kl_divergence
+from kd_lightning.losses import kl_divergence
+from kd_lightning.metrics import entropy
 
 
 def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
@@ -28,7 +29,7 @@ def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
 
 def _model(**kwargs) -> DistillationModule:
     pl.seed_everything(0)
-    return DistillationModule(student="mlp", teacher="mlp", num_classes=10, temperature=4.0, lr_scheduler="none",
+    return DistillationModule(student="mlp", teacher="mlp", num_classes=10, temperature=4.0, optim=dict(lr_scheduler="none"),
                               **kwargs)
 
 
@@ -77,7 +78,7 @@ def test_stats_match_a_direct_computation():
     soft = torch.nn.functional.one_hot(y.clamp(min=0), 4).float()
     soft[0] = 0.0  # the same rows as MixUp-style soft labels
     for targets in (y, soft):
-        metric = DistillationStats(4)
+        metric = DistillationStats(4, detailed=True, per_sample=True)
         metric.update(s[:5], t[:5], targets[:5], 2.0)
         metric.update(s[5:], t[5:], targets[5:], 2.0)
         out = metric.compute()
@@ -191,8 +192,8 @@ def test_quiet_steps_do_no_tensor_work_and_validation_batches_no_sync(tmp_path, 
 
 
 def test_needs_a_distillation_module(tmp_path):
-    model = ClassifierModule(model="mlp", num_classes=10, lr_scheduler="none")
-    with pytest.raises(ValueError, match="needs a distillation module.*got ClassifierModule"):
+    model = ClassifierModule(model="mlp", num_classes=10, optim=dict(lr_scheduler="none"))
+    with pytest.raises(ValueError, match="needs a kd_lightning.DistillationModule with a teacher; got ClassifierModule"):
         _trainer(tmp_path, [KLDivergenceLogger()]).fit(model, DigitsDataModule())
 
 
@@ -207,7 +208,7 @@ def test_many_classes_give_a_text_table_not_scalars(tmp_path):
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 30, (64,), generator=gen))
     loader = DataLoader(data, batch_size=32)
-    model = DistillationModule(student="mlp", teacher="mlp", num_classes=30, lr_scheduler="none")
+    model = DistillationModule(student="mlp", teacher="mlp", num_classes=30, optim=dict(lr_scheduler="none"))
     logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
     _trainer(tmp_path, [KLDivergenceLogger(max_class_scalars=20)], max_epochs=1, logger=logger).fit(
         model, loader, loader)

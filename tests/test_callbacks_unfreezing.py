@@ -44,14 +44,14 @@ class _Record(Callback):
         self.optimizer_state_keys: list[set[int]] = []
 
     def on_train_start(self, trainer, pl_module):
-        self.initial = {k: v.clone() for k, v in pl_module.trainable_module().state_dict().items()}
+        self.initial = {k: v.clone() for k, v in pl_module.network.state_dict().items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == 1:  # mid-epoch, after validation could have restored modes
-            self.modes.append({s: pl_module.trainable_module().get_submodule(s).training for s in STAGES})
+            self.modes.append({s: pl_module.network.get_submodule(s).training for s in STAGES})
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.states.append({k: v.clone() for k, v in pl_module.trainable_module().state_dict().items()})
+        self.states.append({k: v.clone() for k, v in pl_module.network.state_dict().items()})
         self.optimizer_state_keys.append({id(p) for p in trainer.optimizers[0].state})
 
     def changed(self, epoch: int, prefix: str, since: dict[str, torch.Tensor] | None = None) -> bool:
@@ -62,12 +62,12 @@ class _Record(Callback):
 @pytest.mark.parametrize(("kind", "optimizer"), [("distillation", "sgd"), ("classifier", "adamw")])
 def test_unfreezing_order_and_frozen_stages_bit_identical(tmp_path, kind, optimizer):
     # SGD with momentum 0.9 and AdamW, both with weight decay: a frozen parameter would drift under either
-    common = dict(num_classes=10, optimizer=optimizer, lr=0.05, weight_decay=0.01, lr_scheduler="none")
+    common = dict(num_classes=10, optim=dict(optimizer=optimizer, lr=0.05, weight_decay=0.01, lr_scheduler="none"))
     if kind == "distillation":
         model = DistillationModule(student=_net(), teacher=_net(), **common)
     else:
         model = ClassifierModule(model=_net(), **common)
-    student = model.trainable_module()
+    student = model.network
     record = _Record()
     unfreezing = ProgressiveUnfreezing(STAGES)
     # limit_val_batches: a validation pass each epoch restores module modes; frozen stages must stay in eval
@@ -90,8 +90,7 @@ def test_unfreezing_order_and_frozen_stages_bit_identical(tmp_path, kind, optimi
 
 def test_adam_state_starts_fresh_at_unfreezing(tmp_path):
     """Adam's step count of a stage unfrozen at epoch 1 counts the steps since then only (bias correction)."""
-    model = DistillationModule(student=_net(), teacher=_net(), num_classes=10, optimizer="adam",
-                               lr_scheduler="none")
+    model = DistillationModule(student=_net(), teacher=_net(), num_classes=10, optim=dict(optimizer="adam", lr_scheduler="none"))
     trainer = _trainer(tmp_path, [ProgressiveUnfreezing({"5": 1})], max_epochs=2)
     trainer.fit(model, _loader())
     state = trainer.optimizers[0].state
@@ -100,7 +99,7 @@ def test_adam_state_starts_fresh_at_unfreezing(tmp_path):
 
 
 def test_unknown_stage_lists_the_valid_names(tmp_path):
-    model = DistillationModule(student="mlp", teacher="mlp", num_classes=10, lr_scheduler="none")
+    model = DistillationModule(student="mlp", teacher="mlp", num_classes=10, optim=dict(lr_scheduler="none"))
     with pytest.raises(ValueError, match=r"no module 'layer1'\. Its modules are: net, net\.0, net\.1, net\.2"):
         _trainer(tmp_path, [ProgressiveUnfreezing({"layer1": 1})]).fit(model, _loader())
     with pytest.raises(ValueError, match=r"'net\.2' \(ReLU\) has no parameters"):
@@ -147,7 +146,7 @@ def test_resume_mid_schedule_restores_temperature_and_unfrozen_stages(tmp_path):
     def run(root, max_epochs, unfreeze_at, ckpt_path=None):
         pl.seed_everything(0)
         model = DistillationModule(student=_net(), teacher=_net(), num_classes=10, temperature=4.0,
-                                   lr_scheduler="none")
+                                   optim=dict(lr_scheduler="none"))
         epochs = _Epochs()
         unfreezing = ProgressiveUnfreezing(unfreeze_at)
         callbacks = [TemperatureScheduler("cosine", end=1.0), unfreezing, epochs,

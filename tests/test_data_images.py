@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lightning.data import UNLABELLED, CIFARDataModule, FlowersDataModule
+from kd_lightning.data import CIFARDataModule, FlowersDataModule
+from kd_lightning.labels import UNLABELLED
 from kd_lightning.data.cifar import CIFAR10_CLASSES
 from kd_lightning.data.images import ImageDataset, decode_image_file
 from kd_lightning.data.synthetic import write_class_folders, write_images

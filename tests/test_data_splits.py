@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kd_lightning.data import UNLABELLED, BatchMix, DigitsDataModule, soft_targets
+from kd_lightning.data import BatchMix, DigitsDataModule
+from kd_lightning.labels import UNLABELLED, one_hot_targets
 from kd_lightning.data.splits import labelled_subset, stratified_split
 from kd_lightning.losses import distillation_loss
 
@@ -65,7 +66,7 @@ def test_digits_labelled_fraction_keeps_val_labels():
 
 def test_soft_targets_zero_rows_for_unlabelled():
     y = torch.tensor([2, UNLABELLED, 0])
-    t = soft_targets(y, 3)
+    t = one_hot_targets(y, 3)
     assert t.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 

@@ -103,8 +103,7 @@ def test_channel_normalize_and_match_spatial():
 def _module(terms=None, **kwargs) -> DistillationModule:
     torch.manual_seed(0)
     return DistillationModule(student="digits_cnn", student_kwargs={"channels": 4}, teacher="digits_cnn",
-                              teacher_kwargs={"channels": 8}, num_classes=10, terms=terms, optimizer="adamw",
-                              lr=1e-2, weight_decay=0.0, lr_scheduler="none", **kwargs)
+                              teacher_kwargs={"channels": 8}, num_classes=10, terms=terms, optim=dict(optimizer="adamw", lr=1e-2, weight_decay=0.0, lr_scheduler="none"), **kwargs)
 
 
 def _feature_terms():
@@ -114,18 +113,17 @@ def _feature_terms():
             AttentionTransfer(student_layers=["conv1", "conv2"], teacher_layers=["conv1", "pool"], weight=100.0)]
 
 
-def test_legacy_config_gives_exactly_the_old_numbers():
+def test_shorthand_is_translated_into_terms_with_exactly_the_old_numbers():
     module = _module(temperature=3.0, alpha=0.7)
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, -100, 4, 5])
-    out = module._forward_both((x, y))
-    new = module.compute_losses(out)
+    out = module.step((x, y))
+    new = module.losses(out)
     old = distillation_loss(out.student_logits, out.teacher_logits, y, 3.0, 0.7)
-    assert torch.equal(new["loss"], old["loss"]) and torch.equal(new["kd"], old["kd"]) and torch.equal(new["ce"],
-                                                                                                       old["ce"])
-    assert module.temperature == 3.0 and module.alpha == 0.7
-    module.alpha = 0.2
-    assert module.terms["kd"].weight == 0.2 and module.terms["ce"].weight == pytest.approx(0.8)
-    assert module.hparams["temperature"] == 3.0 and module.hparams["terms"] is None
+    assert torch.equal(new["loss"], old["loss"])
+    assert torch.equal(new["loss_kd"], 0.7 * old["kd"]) and torch.equal(new["loss_ce"], (1 - 0.7) * old["ce"])
+    assert [type(t).__name__ for t in module.terms.values()] == ["HintonKD", "CrossEntropy"]
+    assert module.temperature == 3.0 and module.terms["kd"].weight == 0.7
+    assert module.hparams["temperature"] == 3.0 and module.hparams["terms"] is None  # saved as given
 
 
 def test_gradients_reach_student_and_adapters_never_the_teacher():
@@ -133,7 +131,7 @@ def test_gradients_reach_student_and_adapters_never_the_teacher():
     module.build_terms((1, 8, 8))
     assert module.terms["hint"].adapter[0].weight.shape == (16, 8, 1, 1)  # teacher's 16 channels from 8
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    losses = module.compute_losses(module._forward_both((x, y)))
+    losses = module.losses(module.step((x, y)))
     assert set(losses) == {"loss", "loss_ce", "loss_kd", "loss_hint", "loss_at"}
     assert torch.allclose(losses["loss"], sum(v for k, v in losses.items() if k != "loss"))
     losses["loss"].backward()
@@ -243,15 +241,15 @@ def test_bad_terms_are_clear_errors():
         HintonKD(weight=-0.1)
     with pytest.raises(ValueError, match="unique"):
         _module([HintonKD(), HintonKD()])
-    with pytest.raises(ValueError, match="apply only without `terms`"):
+    with pytest.raises(ValueError, match="temperature is the shorthand for terms"):
         _module([HintonKD()], temperature=2.0)
     module = _module([Hint(student_layer="conv2", teacher_layer="pool")])
     with pytest.raises(ValueError, match="not built yet"):
-        module.extra_param_groups()
+        module.trainable_parameters()
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *args], cwd=tmp_path, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kd_lightning", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -262,11 +260,9 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 ])
 def test_bad_terms_from_yaml_stop_before_anything_is_written(tmp_path, term, message):
     config = tmp_path / "terms.yaml"
-    config.write_text("model:\n  init_args:\n    temperature: null\n    alpha: null\n"
-                      f"    terms:\n      - {term}\n")
+    config.write_text(f"model:\n  init_args:\n    terms:\n      kd: {term}\n")
     result = _cli(tmp_path, "fit", f"--config={ROOT / 'experiments/digits/base.yaml'}",
-                  f"--config={ROOT / 'experiments/digits/kd.yaml'}", f"--config={config}",
-                  "--model.init_args.teacher_checkpoint=null")
+                  f"--config={ROOT / 'experiments/digits/kd.yaml'}", f"--config={config}", "--teacher_run=null")
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -277,12 +273,12 @@ def test_hint_run_through_the_command_line_trains_tests_and_resumes(tmp_path):
     """A YAML run with a hint term (2-d features: linear + BN adapter): fit, test its checkpoint, resume it."""
     config = tmp_path / "hint.yaml"
     config.write_text(
-        "model:\n  init_args:\n    temperature: null\n    alpha: null\n    teacher_checkpoint: null\n    terms:\n"
-        "      - {class_path: kd_lightning.distillers.CrossEntropy, init_args: {weight: 0.1}}\n"
-        "      - {class_path: kd_lightning.distillers.HintonKD, init_args: {weight: 0.9, temperature: 4.0}}\n"
-        "      - class_path: kd_lightning.distillers.Hint\n"
+        "teacher_run: null\nname: digits/hint\nmodel:\n  init_args:\n    terms:\n"
+        "      ce: {class_path: kd_lightning.distillers.CrossEntropy, init_args: {weight: 0.1}}\n"
+        "      kd: {class_path: kd_lightning.distillers.HintonKD, init_args: {weight: 0.9, temperature: 4.0}}\n"
+        "      hint:\n        class_path: kd_lightning.distillers.Hint\n"
         "        init_args: {weight: 1.0, student_layer: net.1, teacher_layer: net.1, normalize: true}\n"
-        "trainer:\n  logger:\n    init_args: {name: digits/hint}\n  max_epochs: 1\n  limit_train_batches: 3\n"
+        "trainer:\n  max_epochs: 1\n  limit_train_batches: 3\n"
         "  limit_val_batches: 2\n  enable_progress_bar: false\n")
     configs = [f"--config={ROOT / 'experiments/digits/base.yaml'}", f"--config={ROOT / 'experiments/digits/kd.yaml'}",
                f"--config={config}"]
@@ -356,9 +352,9 @@ def test_batch_contract_index_reaches_terms_and_cached_teacher_logits_skip_the_t
     calls = []
     module.teacher.register_forward_pre_hook(lambda m, a: calls.append(1))
     x, y, cached = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.randn(4, 10)
-    out = module._forward_both((x, y, None, cached))
+    out = module.step((x, y, None, cached))
     assert not calls and out.teacher_logits[0] is not None and torch.equal(out.teacher_logits[0], cached)
-    assert module.compute_losses(out)["loss_kd"].item() == pytest.approx(
+    assert module.losses(out)["loss_kd"].item() == pytest.approx(
         distillation_loss(out.student_logits, cached, y, 2.0, 1.0)["kd"].item(), rel=1e-6)
 
 
@@ -394,10 +390,11 @@ def test_a_fifth_method_is_one_python_file_plus_a_yaml_file(tmp_path, monkeypatc
     kd_lightning file is edited, and its feature taps, logging and weight work as for the built-in terms."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kd_lightning.cli import cli_main
+    from kd_lightning.commands.cli import cli_main
 
     (tmp_path / "my_methods.py").write_text(FIFTH_METHOD)
     (tmp_path / "sp.yaml").write_text("""
+teacher_run: null   # a random teacher: the test is about the seam, not about what is learnt
 model:
   class_path: kd_lightning.DistillationModule
   init_args:
@@ -405,8 +402,6 @@ model:
     student_kwargs: {hidden: [32]}
     teacher: mlp
     teacher_kwargs: {hidden: [64, 64]}
-    optimizer: adamw
-    lr: 0.003
     terms:
       - {class_path: kd_lightning.distillers.CrossEntropy, init_args: {weight: 1.0}}
       - class_path: my_methods.SimilarityPreserving

@@ -56,8 +56,7 @@ def _run(tmp_path: Path, devices: int, batch_size: int) -> dict[str, torch.Tenso
     terms = [CrossEntropy(weight=0.5), HintonKD(weight=0.5, temperature=2.0),
              Hint(student_layer="1", teacher_layer="1", weight=1.0, batchnorm=False),
              AttentionTransfer(student_layers=["0"], teacher_layers=["0"], weight=10.0)]
-    module = DistillationModule(student=student, teacher=teacher, num_classes=4, lr=0.1, terms=terms,
-                                lr_scheduler="none", weight_decay=0.0)
+    module = DistillationModule(student=student, teacher=teacher, num_classes=4, optim=dict(lr=0.1, lr_scheduler="none", weight_decay=0.0), terms=terms)
     module.build_terms((1, 8, 8))
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen))

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning import DistillationModule
 from kd_lightning.data import DigitsDataModule
-from kd_lightning.evaluate import entropy, evaluate_models, main
+from kd_lightning.commands.evaluate import evaluate_models, main
+from kd_lightning.metrics import entropy
 from kd_lightning.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def test_wrong_output_width_is_reported():
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kd_lightning", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -211,7 +212,7 @@ def test_models_are_required(tmp_path, capsys):
 def test_a_runs_saved_config_is_accepted(digits_checkpoints, tmp_path, capsys, monkeypatch):
     """The config.yaml that `kd-lightning fit` saves beside a run has every LightningCLI section: all are read, only
     data is used."""
-    from kd_lightning.cli import cli_main
+    from kd_lightning.commands.cli import cli_main
 
     with pytest.raises(SystemExit):
         cli_main(["fit", f"--config={DIGITS}", f"--config={ROOT / 'experiments' / 'digits' / 'kd.yaml'}",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.export import export_network, main
+from kd_lightning.commands.export import export_network, main
 from kd_lightning.measure import count_parameters
 from kd_lightning.models import build_model
 from kd_lightning.models.loading import load_model
@@ -178,7 +178,7 @@ def test_command_line_exports_the_kd_student_alone(digits_checkpoints, tmp_path)
     pytest.importorskip("onnxruntime")
     import onnx
 
-    result = subprocess.run([sys.executable, "-m", "kd_lightning.cli", "export", f"--config={DIGITS}",
+    result = subprocess.run([sys.executable, "-m", "kd_lightning", "export", f"--config={DIGITS}",
                              f"--student=kd_student={digits_checkpoints.kd}", f"--out={tmp_path}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -49,7 +49,7 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
 
 def distiller(**kwargs) -> DistillationModule:
     student, teacher = nets()
-    return DistillationModule(student=student, teacher=teacher, num_classes=NUM_CLASSES, lr=0.1, **kwargs)
+    return DistillationModule(student=student, teacher=teacher, num_classes=NUM_CLASSES, optim=dict(lr=0.1), **kwargs)
 
 
 class RecordSteps(Callback):
@@ -87,7 +87,7 @@ def test_low_precision_teacher_runs_under_autocast_and_returns_float32(precision
     assert seen == [dtype]  # the teacher's convolution ran in the low precision (CPU autocast)
     assert heads[0].dtype == torch.float32  # and the logits come back in float32 for the loss terms
     torch.testing.assert_close(heads[0], reference.teacher_logits(x)[0], atol=5e-2, rtol=5e-2)
-    losses = module.compute_losses(module._forward_both((x, torch.randint(0, NUM_CLASSES, (8,)))))
+    losses = module.losses(module.step((x, torch.randint(0, NUM_CLASSES, (8,)))))
     assert all(v.dtype == torch.float32 for v in losses.values())
 
 
@@ -129,7 +129,7 @@ def test_bf16_mixed_classifier_loss_is_float32(tmp_path):
             outputs.append(out["loss"])
 
     trainer(tmp_path, precision="bf16-mixed", callbacks=[Record()]).fit(
-        ClassifierModule(cnn(4), NUM_CLASSES, lr=0.1), loader(), loader())
+        ClassifierModule(cnn(4), NUM_CLASSES, optim=dict(lr=0.1)), loader(), loader())
     assert outputs[0].dtype == torch.float32
 
 
@@ -154,8 +154,8 @@ def test_channels_last_gives_the_same_loss_and_checkpoint(tmp_path):
 def test_channels_last_classifier(tmp_path):
     torch.manual_seed(0)
     net = cnn(4)
-    module = ClassifierModule(copy.deepcopy(net), NUM_CLASSES, lr=0.1, channels_last=True)
-    reference = ClassifierModule(net, NUM_CLASSES, lr=0.1)
+    module = ClassifierModule(copy.deepcopy(net), NUM_CLASSES, optim=dict(lr=0.1), channels_last=True)
+    reference = ClassifierModule(net, NUM_CLASSES, optim=dict(lr=0.1))
     losses = []
 
     class Record(Callback):
@@ -220,7 +220,7 @@ def test_compile_student_gives_the_eager_losses_and_captures_features(tmp_path):
 
 def test_compile_model_for_classifier(tmp_path):
     calls = []
-    module = ClassifierModule(cnn(4), NUM_CLASSES, lr=0.1, compile_model={"backend": counting_backend(calls)})
+    module = ClassifierModule(cnn(4), NUM_CLASSES, optim=dict(lr=0.1), compile_model={"backend": counting_backend(calls)})
     trainer(tmp_path).fit(module, loader(), loader())
     assert calls and type(module.model) is nn.Sequential
     assert list(module.state_dict()) == list(ClassifierModule(cnn(4), NUM_CLASSES).state_dict())

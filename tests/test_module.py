@@ -57,7 +57,7 @@ def test_teacher_stays_frozen_in_eval_mode_and_bit_identical(tmp_path):
     teacher = teacher_with_bn_and_dropout()
     teacher.train()  # even a teacher handed over in train mode must be switched off
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = DistillationModule(student=student(), teacher=teacher, num_classes=NUM_CLASSES, lr=0.1)
+    module = DistillationModule(student=student(), teacher=teacher, num_classes=NUM_CLASSES, optim=dict(lr=0.1))
     record = RecordTeacherMode()
     train, val = loaders()
     trainer(tmp_path, callbacks=[record]).fit(module, train, val)
@@ -123,7 +123,7 @@ def test_logs_the_named_metrics(tmp_path):
     t = trainer(tmp_path, max_epochs=1)
     t.fit(module, train, val)
     metrics = t.callback_metrics
-    for name in ["train/loss", "train/kd", "train/ce", "train/temperature", "val/acc", "val/teacher_acc",
+    for name in ["train/loss", "train/loss_kd", "train/loss_ce", "train/temperature", "val/acc", "val/teacher_acc",
                  "val/agreement", "val/kl", "val/loss"]:
         assert name in metrics, name
     assert metrics["train/temperature"].item() == 2.5
@@ -183,11 +183,11 @@ def test_multi_head_teacher_uses_weights(tmp_path):
 
     teacher = TwoHeads()
     module = DistillationModule(student=student(), teacher=teacher, num_classes=NUM_CLASSES,
-                                teacher_weights=[1.0, 0.3])
+                                teacher_weights=[1.0, 0.3], alpha=0.9)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, NUM_CLASSES, (8,))
     out = module.training_step((x, y), 0)
     s = module.student(x)
-    ref = distillation_loss(s, list(teacher(x)), y, module.temperature, module.alpha, [1.0, 0.3])
+    ref = distillation_loss(s, list(teacher(x)), y, module.temperature, 0.9, [1.0, 0.3])
     assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
     torch.testing.assert_close(out["teacher_logits"], teacher(x)[0])
 
@@ -198,8 +198,7 @@ def test_multi_head_teacher_uses_weights(tmp_path):
     ("adam", "multistep", torch.optim.lr_scheduler.MultiStepLR),
 ])
 def test_optimizer_and_scheduler_from_names(tmp_path, optimizer, scheduler, kind):
-    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, optimizer=optimizer, lr=0.01,
-                              lr_scheduler=scheduler, milestones=[1], step_size=1)
+    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, optim=dict(optimizer=optimizer, lr=0.01, lr_scheduler=scheduler, milestones=[1], step_size=1))
     train, val = loaders()
     t = trainer(tmp_path, max_epochs=2)
     t.fit(module, train, val)
@@ -221,7 +220,7 @@ def _lr_recorder():
 
 
 def test_warmup_then_cosine(tmp_path):
-    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, lr=0.1, warmup_epochs=1)
+    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, optim=dict(lr=0.1, warmup_epochs=1))
     lrs, record = _lr_recorder()
     train, _ = loaders()
     trainer(tmp_path, max_epochs=3, callbacks=[record]).fit(module, train)
@@ -231,7 +230,7 @@ def test_warmup_then_cosine(tmp_path):
 
 
 def test_warmup_is_measured_in_epochs_when_the_run_is_limited_by_max_steps(tmp_path):
-    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, lr=0.1, warmup_epochs=1)
+    module = ClassifierModule(model=student(), num_classes=NUM_CLASSES, optim=dict(lr=0.1, warmup_epochs=1))
     lrs, record = _lr_recorder()
     train, _ = loaders()  # 6 batches an epoch
     trainer(tmp_path, max_epochs=-1, max_steps=24, callbacks=[record]).fit(module, train)
@@ -250,11 +249,14 @@ def test_classifier_multi_head_loss_weights_aux_heads():
             return self.a(x), self.b(x)
 
     net = TwoHeads()
-    module = ClassifierModule(model=net, num_classes=NUM_CLASSES)
     x, y = torch.randn(6, 4), torch.randint(0, NUM_CLASSES, (6,))
-    loss = module.training_step((x, y), 0)
     ce = torch.nn.functional.cross_entropy
+    module = ClassifierModule(model=net, num_classes=NUM_CLASSES, head_weights=[1.0, 0.3])
+    loss = module.training_step((x, y), 0)["loss"]
     assert loss.item() == pytest.approx((ce(net.a(x), y) + 0.3 * ce(net.b(x), y)).item(), rel=1e-6)
+    # no hidden default: without head_weights the main head alone is trained, as for a student
+    main_only = ClassifierModule(model=net, num_classes=NUM_CLASSES).training_step((x, y), 0)["loss"]
+    assert main_only.item() == pytest.approx(ce(net.a(x), y).item(), rel=1e-6)
 
 
 def test_teacher_loads_from_classifier_checkpoint_and_state_dict(tmp_path):
@@ -295,8 +297,9 @@ def test_hparams_reach_tensorboard_hparams_tab(tmp_path):
     assert "val/acc" in acc.Tags()["scalars"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         acc.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
-    assert {"val/acc", "val/agreement", "val/kl"} <= {m.name.tag for m in experiment.metric_infos}
-    assert "temperature" in {h.name for h in experiment.hparam_infos}
+    assert {"val/acc", "val/acc_best", "val/agreement", "val/kl", "test/acc"} <= {
+        m.name.tag for m in experiment.metric_infos}
+    assert "model/terms/kd/temperature" in {h.name for h in experiment.hparam_infos}
     # no fake metric points: the first val/acc point is a real epoch-end value
     assert len(acc.Scalars("val/acc")) == 1
 

@@ -51,7 +51,7 @@ def test_teacher_is_outside_ddp_and_frozen(tmp_path, compile_student):
     pl.seed_everything(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
-    module = DistillationModule(student=student, teacher=teacher, num_classes=4, lr=0.1,
+    module = DistillationModule(student=student, teacher=teacher, num_classes=4, optim=dict(lr=0.1),
                                 compile_student=compile_student)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     gen = torch.Generator().manual_seed(0)

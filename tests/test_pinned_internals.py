@@ -25,12 +25,12 @@ def _mlp(width: int) -> nn.Module:
 
 
 def test_ddp_ignores_the_teacher():
-    """kd_lightning/module.py (DistillationModule.__init__): DDP must neither broadcast nor reduce the frozen
+    """kd_lightning/core.py (Distiller.__init__): DDP must neither broadcast nor reduce the frozen
     teacher; torch's only way is ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``, which
     records the names on the module for DDP to read when it wraps it."""
     assert hasattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model"), (
         "torch removed DistributedDataParallel._set_params_and_buffers_to_ignore_for_model: mend "
-        "DistillationModule.__init__ (kd_lightning/module.py)")
+        "Distiller.__init__ (kd_lightning/core.py)")
     module = DistillationModule(student=_mlp(8), teacher=_mlp(16))
     ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
     teacher_names = {f"teacher.{name}" for name in module.teacher.state_dict()}
@@ -39,16 +39,16 @@ def test_ddp_ignores_the_teacher():
 
 
 def test_lightning_cli_reads_the_checkpoint_in_parse_ckpt_path():
-    """kd_lightning/cli.py (KDLightningCLI._parse_ckpt_path): the hook where LightningCLI reads --ckpt_path and
+    """kd_lightning/commands/cli.py (KDLightningCLI._parse_ckpt_path): the hook where LightningCLI reads --ckpt_path and
     merges its hyperparameters; we check the checkpoint against the config before it does."""
     hook = getattr(LightningCLI, "_parse_ckpt_path", None)
-    assert callable(hook), "LightningCLI._parse_ckpt_path is gone: mend KDLightningCLI (kd_lightning/cli.py)"
+    assert callable(hook), "LightningCLI._parse_ckpt_path is gone: mend KDLightningCLI (kd_lightning/commands/cli.py)"
     assert list(inspect.signature(hook).parameters) == ["self"]
     assert "ckpt_path" in inspect.getsource(hook)
 
 
 def test_fit_loop_internals_the_module_and_the_kl_logger_read(tmp_path):
-    """kd_lightning/module.py (configure_optimizers, cosine warm-up under max_epochs=-1): ``fit_loop.setup_data``
+    """kd_lightning/optim.py (OptimizerRecipe, cosine warm-up under max_epochs=-1): ``fit_loop.setup_data``
     loads the training loader early; kd_lightning/callbacks/kl_divergence_logger.py (_step):
     ``fit_loop.epoch_loop._batches_that_stepped`` is the step axis of Lightning's own logged metrics."""
     seen = []
@@ -58,9 +58,9 @@ def test_fit_loop_internals_the_module_and_the_kl_logger_read(tmp_path):
             seen.append((trainer.fit_loop.epoch_loop._batches_that_stepped, trainer.global_step))
 
     assert callable(getattr(L.Trainer(logger=False).fit_loop, "setup_data", None)), (
-        "Lightning's fit loop has no setup_data: mend DistillationModule.configure_optimizers (kd_lightning/module.py)")
+        "Lightning's fit loop has no setup_data: mend OptimizerRecipe._cosine (kd_lightning/optim.py)")
     torch.manual_seed(0)
-    module = ClassifierModule(_mlp(8), 10, optimizer="sgd", lr=0.1, lr_scheduler="cosine", warmup_epochs=1)
+    module = ClassifierModule(_mlp(8), 10, optim=dict(optimizer="sgd", lr=0.1, lr_scheduler="cosine", warmup_epochs=1))
     trainer = L.Trainer(max_epochs=-1, max_steps=5, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[Probe()], default_root_dir=tmp_path)

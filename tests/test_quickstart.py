@@ -2,7 +2,7 @@
 
 import csv
 
-from kd_lightning.quickstart import main
+from kd_lightning.commands.quickstart import main
 
 SHORT = ["--set", "trainer.max_steps=32"]  # 2 passes over the training set instead of 30, in every run
 

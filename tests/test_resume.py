@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and for
 def fit(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
                 **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", "fit", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", "kd_lightning", "fit", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -223,7 +223,7 @@ def test_lightning_cli_still_reads_ckpt_path_where_we_check_it():
     renames it, our checks would silently stop running: this fails first."""
     from lightning.pytorch.cli import LightningCLI
 
-    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.commands.cli import KDLightningCLI
 
     assert callable(getattr(LightningCLI, "_parse_ckpt_path", None))
     assert "_parse_ckpt_path" in KDLightningCLI.__dict__

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_lightning import study as study_module
+from kd_lightning.commands.study import run as study_module
 from kd_lightning.models.loading import load_model
-from kd_lightning.study import (StudyError, check_and_hash, load_study, main, non_default_settings, plan,
-                                substitute_seed)
-from kd_lightning.study_report import RunResult, mean_curve, mean_std, plot_results, summarize, to_markdown
+from kd_lightning.commands.study import main
+from kd_lightning.commands.study.plan import check_and_hash, non_default_settings, plan
+from kd_lightning.commands.study.spec import StudyError, load_study, substitute_seed
+from kd_lightning.commands.study.report import RunResult, mean_curve, mean_std, plot_results, summarize, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits"
@@ -222,21 +223,21 @@ def test_a_study_preempted_inside_a_run_resumes_that_run_exactly(tmp_path, monke
     started again, it resumes that run from last.ckpt, and ends with the uninterrupted study's weights."""
     import torch
 
-    import kd_lightning.cli
+    import kd_lightning.commands.cli
 
     main([str(write_study(tmp_path / "reference.yaml")), "--out", str(tmp_path / "reference")])
     study = str(write_study(tmp_path / "study.yaml"))
-    cli_main = kd_lightning.cli.cli_main
+    cli_main = kd_lightning.commands.cli.cli_main
     stop = "--trainer.callbacks+={class_path: kill_switch.KillAt, init_args: {epoch: 1, batch: 1, signal_name: SIGTERM}}"
 
     def preempted_kd_student(args, run=True):  # only the training of the KD student (run=False: config checks)
         return cli_main([*args, stop] if run and "--trainer.logger.init_args.name=kd_student" in args else args, run)
 
-    monkeypatch.setattr(kd_lightning.cli, "cli_main", preempted_kd_student)
+    monkeypatch.setattr(kd_lightning.commands.cli, "cli_main", preempted_kd_student)
     with pytest.raises(SystemExit) as exit_status:
         main([study, "--out", str(tmp_path / "out")])
     assert exit_status.value.code == 143
-    monkeypatch.setattr(kd_lightning.cli, "cli_main", cli_main)
+    monkeypatch.setattr(kd_lightning.commands.cli, "cli_main", cli_main)
     interrupted = tmp_path / "out/kd_student/seed_0"
     assert not (interrupted / "run.json").exists()
     assert torch.load(interrupted / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 + 2
@@ -339,7 +340,7 @@ def test_bad_study_fails_before_anything_is_written(tmp_path, capsys, change, me
 
 def test_bad_study_through_the_command(tmp_path):
     path = write_study(tmp_path / "study.yaml", seeds=None)
-    result = subprocess.run([sys.executable, "-m", "kd_lightning.cli", "study", str(path)], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "kd_lightning", "study", str(path)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == f"kd-lightning: error: {path}: 'seeds' is required: a list of integers, e.g. seeds: [0, 1, 2]."

@@ -49,8 +49,8 @@ def module(teacher_seed: int = 0, **kwargs) -> DistillationModule:
     student, teacher = nets()
     if teacher_seed:
         teacher = nets(teacher_seed)[1]
-    kwargs.setdefault("lr_scheduler", "none")
-    return DistillationModule(student=student, teacher=teacher, num_classes=3, lr=0.05, **kwargs)
+    return DistillationModule(student=student, teacher=teacher, num_classes=3,
+                              optim=dict(lr=0.05, lr_scheduler="none"), **kwargs)
 
 
 def trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
@@ -95,8 +95,8 @@ def test_cached_loss_equals_online_loss_on_the_same_views(tmp_path, folder):
             online = teacher(b.images)  # the teacher on the very images the student trained on
         torch.testing.assert_close(b.teacher_logits, online, rtol=1e-5, atol=1e-5)
         if step == 0:
-            cached_loss = fresh.compute_losses(fresh._forward_both(b))["loss"]
-            online_loss = fresh.compute_losses(fresh._forward_both(b._replace(teacher_logits=None)))["loss"]
+            cached_loss = fresh.losses(fresh.step(b))["loss"]
+            online_loss = fresh.losses(fresh.step(b._replace(teacher_logits=None)))["loss"]
             torch.testing.assert_close(cached_loss, online_loss, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(loss, online_loss.detach(), rtol=1e-6, atol=1e-6)
     # each image is the row's view of the epoch, re-made from its seed: not a clean image, not another crop
@@ -215,6 +215,49 @@ def test_stale_or_partial_caches_are_rebuilt_with_a_message(tmp_path, folder, in
     assert "built for a different precision" in messages(info)
 
 
+class ThreeHeads(nn.Module):
+    """A teacher with a main head and two auxiliary heads, as GoogLeNet (main first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.heads = nn.ModuleList(nn.Linear(128, 3) for _ in range(3))
+
+    def forward(self, x):
+        features = self.body(x)
+        return tuple(head(features) for head in self.heads)
+
+
+@pytest.mark.parametrize("teacher_weights", [None, [1.0, 0.3, 0.3]], ids=["heads-averaged", "heads-weighted"])
+def test_a_multi_head_teacher_distils_offline_exactly_as_online(tmp_path, folder, teacher_weights):
+    """Every head is cached: whatever the terms do with the heads online (average them, weight them, DKD's main
+    head), they do offline, on the same numbers."""
+    from kd_lightning.distillers import DKD
+
+    def three_head_module():
+        student = nets()[0]
+        terms = {"kd": HintonKD(0.6, temperature=2.0, teacher_weights=teacher_weights),
+                 "dkd": DKD(0.2, warmup=0), "ce": CrossEntropy(0.2)}
+        return DistillationModule(student=student, teacher=ThreeHeads(), num_classes=3, terms=terms,
+                                  optim=dict(lr=0.05, lr_scheduler="none"))
+
+    _, _, keep = fit_cached(tmp_path, folder, tmp_path / "cache", views=2, model=three_head_module())
+    fresh = three_head_module()
+    b = as_batch(keep.batches[0])
+    assert b.teacher_logits.shape == (len(b.images), 3, 3)  # (B, heads, classes)
+    with torch.no_grad():
+        online_heads = fresh.teacher(b.images)
+    for h in range(3):
+        torch.testing.assert_close(b.teacher_logits[:, h], online_heads[h], rtol=1e-5, atol=1e-5)
+    cached = fresh.losses(fresh.step(b))
+    online = fresh.losses(fresh.step(b._replace(teacher_logits=None)))
+    assert set(cached) == {"loss", "loss_kd", "loss_dkd", "loss_ce"}
+    for name in cached:
+        torch.testing.assert_close(cached[name], online[name], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keep.losses[0], online["loss"].detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_settings_that_would_pair_logits_with_other_images_are_refused(tmp_path, folder):
     cache = str(tmp_path / "cache")
     for kwargs, words in (({"mixup_alpha": 0.2}, "mixup_alpha=0.2"), ({"noise_std": 0.1}, "noise_std=0.1")):
@@ -223,8 +266,9 @@ def test_settings_that_would_pair_logits_with_other_images_are_refused(tmp_path,
     hint = [CrossEntropy(0.5), HintonKD(0.5), Hint(student_layer="1", teacher_layer="1")]
     with pytest.raises(ValueError, match="tap teacher layers"):
         trainer(tmp_path, [TeacherCache(cache)]).fit(module(terms=hint), datamodule(folder))
-    with pytest.raises(ValueError, match="several teacher heads"):
-        trainer(tmp_path, [TeacherCache(cache)]).fit(module(teacher_weights=[1.0, 0.3]), datamodule(folder))
+    with pytest.raises(ValueError, match="needs a DistillationModule with a teacher"):
+        trainer(tmp_path, [TeacherCache(cache)]).fit(DistillationModule(student=nets()[0], num_classes=3),
+                                                     datamodule(folder))
 
     class NumpyJitter(nn.Module):  # randomness from numpy's generator: not replayable from a seed
         def forward(self, x):

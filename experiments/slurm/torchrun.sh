@@ -11,7 +11,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-$(python3 -c "import torch; print(max(torch.cuda.
 ACCELERATOR=${ACCELERATOR:-$(python3 -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
 MASTER=${MASTER:-localhost}
 
-# arguments: config files (*.yaml, merged in order), then any overrides (--model.init_args.temperature 2 ...)
+# arguments: config files (*.yaml, merged in order), then any overrides (--model.init_args.terms.kd.init_args.temperature 2 ...)
 configs=()
 for arg in "$@"; do case "$arg" in *.yaml|*.yml) configs+=(--config "$arg") ;; *) configs+=("$arg") ;; esac; done
 

@@ -213,8 +213,9 @@ class ScalarScheduler(Callback):
         ``temperature`` names several terms of different temperatures and no ``start`` says where to begin."""
         if self.attribute == "temperature" and hasattr(pl_module, "common_temperature"):
             if not pl_module.temperatures():
-                raise ValueError(f"{type(self).__name__}: no term of this {type(pl_module).__name__} has a "
-                                 f"temperature to schedule (its floats: {', '.join(pl_module.schedulable_floats())}).")
+                raise ValueError(f"{type(self).__name__}: {type(pl_module).__name__} has no attribute 'temperature' to "
+                                 "schedule: none of its terms has one. Its float attributes are: "
+                                 f"{', '.join(pl_module.schedulable_floats()) or 'none'}.")
             if self.start is None and pl_module.common_temperature() is None:
                 raise ValueError(f"{type(self).__name__}: 'temperature' moves every term's temperature, but the terms "
                                  f"start from different ones {pl_module.temperatures()}: give `start`, or schedule one "

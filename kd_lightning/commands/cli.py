@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from argparse import ArgumentError
 from typing import Any, Optional
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -34,6 +35,7 @@ import kd_lightning.data  # noqa: F401
 import kd_lightning.module  # noqa: F401
 from kd_lightning.callbacks.last_checkpoint import RUN_KEY, LastCheckpoint, slurm_job_id
 from kd_lightning.checkpoints import architecture_settings, check_state_fits, is_lightning_checkpoint, read_checkpoint
+from kd_lightning.commands.config_errors import explain
 from kd_lightning.commands.errors import INPUT_ERRORS, exit_with_error, plain_value, root_cause
 from kd_lightning.optim import OptimizerRecipe
 
@@ -53,7 +55,9 @@ class KDLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_class_arguments(OptimizerRecipe, "optim", help="the optimizer and LR schedule of the run")
-        parser.link_arguments("optim", "model.init_args.optim", apply_on="instantiate")
+        # the model receives the recipe as a plain dict, so that checkpoints and hparams.yaml hold no objects
+        parser.link_arguments("optim", "model.init_args.optim", compute_fn=OptimizerRecipe.as_dict,
+                              apply_on="instantiate")
         parser.add_argument("--name", type=Optional[str], default=None,
                             help="the run's name: logs, config.yaml and checkpoints go to "
                                  "<save_dir>/<name>/version_<n>/ (default: the logger's name)")
@@ -64,6 +68,20 @@ class KDLightningCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
                              "checkpoint.filename": "best"})
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # jsonargparse prints its usage and a report on every Union member; say instead, in one line, which key is
+        # wrong and the closest valid names (config_errors.explain)
+        subcommands = getattr(parser, "_subcommands_action", None)
+        parsers = {None: parser, **(subcommands._name_parser_map if subcommands is not None else {})}
+        for each in parsers.values():
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+            subcommand = next((a for a in argv if a in parsers), None)
+            exit_with_error(explain(str(err), parsers[subcommand]))
 
     def _parse_ckpt_path(self) -> None:
         # Pinned to LightningCLI 2.6's private hook (tests/test_pinned_internals.py and test_resume.py break if it

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from kd_lightning.commands.config_errors import condense
 from kd_lightning.commands.errors import plain_value
 from kd_lightning.commands.study.spec import OWNED_KEYS, RunSpec, StudyError, StudySpec, substitute_seed
 
@@ -80,29 +81,14 @@ def plan(spec: StudySpec, out: Path) -> list[PlannedRun]:
     return planned
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _cli_error(stderr: str) -> str:
-    """The message of a CLI error (jsonargparse prints usage, then ``error: ...``; kd-lightning's own checks print
-    ``kd-lightning: error: ...``), on one line."""
-    at = max(stderr.rfind("\nerror: "), stderr.rfind("kd-lightning: error: "))
-    if at < 0:
-        return _one_line(stderr) or "the configuration was rejected"
-    lines = stderr[at:].split("error: ", 1)[1].splitlines()
-    # A class_path value that fails comes as a report on every type of a Union: keep the class's own problem.
-    problem = next((i for i, line in enumerate(lines) if line.strip().startswith("- Problem with given class_path")),
-                   None)
-    if problem is not None:
-        indent = len(lines[problem]) - len(lines[problem].lstrip())
-        detail = [lines[problem].strip()[2:]]
-        for line in lines[problem + 1:]:
-            if len(line) - len(line.lstrip()) <= indent:
-                break
-            detail.append(line)
-        lines = [lines[0], *detail]
-    return _one_line("\n".join(lines))
+    """The message of a CLI error on one line: kd-lightning's own ``kd-lightning: error: ...`` line, else
+    whatever jsonargparse printed, condensed."""
+    at = stderr.rfind("kd-lightning: error: ")
+    if at >= 0:
+        return stderr[at + len("kd-lightning: error: "):].splitlines()[0]
+    at = stderr.rfind("error: ")
+    return condense(stderr[at + len("error: "):] if at >= 0 else stderr) or "the configuration was rejected"
 
 
 def check_and_hash(run: PlannedRun) -> str:
