@@ -147,7 +147,7 @@ def test_an_export_that_computes_something_else_fails_and_writes_nothing(tmp_pat
 
 
 def test_every_format_must_pass_before_any_file_is_written(tmp_path, monkeypatch):
-    import kd_lightning.export as export
+    import kd_lightning.commands.export as export
 
     def broken_torchscript(net: nn.Module, example: Tensor, path: str):
         torch.jit.trace(net, example).save(path)

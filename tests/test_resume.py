@@ -40,8 +40,8 @@ def kill_at(epoch: int, batch: int, signal_name: str = "SIGKILL", rank: int = 0)
 def kd_args(name: str, epochs: int, *extra: str, config: Path = DIGITS / "kd.yaml") -> list[str]:
     return [f"--config={DIGITS / 'base.yaml'}", f"--config={config}", f"--trainer.max_epochs={epochs}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--model.init_args.teacher_checkpoint=null",  # a random-weight teacher: resume does not care
-            f"--trainer.logger.init_args.name={name}", *extra]
+            "--teacher_run=null",  # a random-weight teacher: resume does not care
+            f"--name={name}", *extra]
 
 
 def load(path: Path) -> dict:
@@ -109,9 +109,8 @@ def test_preemption_signal_saves_the_current_step_exits_non_zero_and_resumes_exa
 def test_last_ckpt_is_the_last_epoch_when_val_acc_stops_improving(tmp_path):
     # lr 1e-9: val/acc never improves after epoch 0, so Lightning's save_last would stay at epoch 0
     result = fit(tmp_path, f"--config={DIGITS / 'base.yaml'}", f"--config={DIGITS / 'teacher.yaml'}",
-                 "--trainer.max_epochs=4", "--trainer.enable_progress_bar=false", "--model.init_args.lr=1e-9",
-                 "--model.init_args.lr_scheduler=none", "--checkpoint.dirpath=null",
-                 "--trainer.logger.init_args.name=flat")
+                 "--trainer.max_epochs=4", "--trainer.enable_progress_bar=false", "--optim.lr=1e-9",
+                 "--optim.lr_scheduler=none", "--name=flat")
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = tmp_path / "logs/flat/version_0/checkpoints"
     assert load(checkpoints / "best.ckpt")["epoch"] == 0
@@ -205,7 +204,7 @@ WIDE_STUDENT = {"student.net.1.weight": torch.zeros(64, 64), "student.net.1.bias
     (lambda d: _fake_checkpoint(d / "wide.ckpt", WIDE_STUDENT, {"_class_path": "kd_lightning.DistillationModule",
                                                                 "student": "mlp", "student_kwargs": {"hidden": [64]}}),
      "student_kwargs: {'hidden': [64]} in the checkpoint, {'hidden': [32]} in the config"),
-    (lambda d: _fake_checkpoint(d / "wide.ckpt", WIDE_STUDENT), "another student architecture"),
+    (lambda d: _fake_checkpoint(d / "wide.ckpt", WIDE_STUDENT), "another architecture than a DistillationModule"),
 ], ids=["missing", "unreadable", "not-lightning", "other-module-class", "other-module-class-no-hparams",
         "other-student", "other-student-no-hparams"])
 def test_bad_ckpt_path_fails_before_anything_is_written(tmp_path, make, message):

@@ -271,12 +271,13 @@ def test_changed_config_reruns_that_run_and_its_students(tmp_path, monkeypatch):
     main([str(study), "--out", str(out), "--verbose"])  # progress bars on: display only, nothing trains again
     assert counter.trained == []
 
-    scratch.write_text(scratch.read_text().replace("lr: 0.003", "lr: 0.002"))  # the file's content, same path
+    scratch.write_text(scratch.read_text().replace("CrossEntropy}", "CrossEntropy, init_args: {label_smoothing: 0.1}}"))
+    assert "label_smoothing" in scratch.read_text()  # the file's content changed, not its path
     main([str(study), "--out", str(out)])
     assert counter.trained == ["seed 0 scratch_student"]
 
     counter.trained.clear()
-    runs["teacher"]["overrides"] = {"model.init_args.lr": 0.002}
+    runs["teacher"]["overrides"] = {"optim.lr": 0.002}
     write_study(study, runs=runs)
     main([str(study), "--out", str(out)])
     assert counter.trained == ["seed 0 teacher", "seed 0 kd_student"]  # a new teacher: its student distils again
@@ -320,9 +321,9 @@ def test_run_hash_ignores_options_left_at_their_defaults():
     (lambda s: s["overrides"].update({"trainer.logger.init_args.save_dir": "elsewhere"}), "set by the study runner"),
     # errors only the CLI parser finds, in the last run: still reported before the first run trains
     (lambda s: s["runs"]["scratch_student"].update(overrides={"model.init_args.temprature": 2}),
-     "run 'scratch_student' (seed 0): Parser key \"model\": Problem with given class_path "
-     "'kd_lightning.ClassifierModule': Option 'temprature' is not accepted"),
-    (lambda s: s["runs"]["scratch_student"].update(overrides={"model.init_args.model": "resnet99"}),
+     "run 'scratch_student' (seed 0): unknown key 'model.init_args.temprature': DistillationModule has no argument "
+     "'temprature'; closest valid names: temperature."),
+    (lambda s: s["runs"]["scratch_student"].update(overrides={"model.init_args.student": "resnet99"}),
      "run 'scratch_student' (seed 0): Unknown model name 'resnet99'. Known models: digits_cnn"),
 ])
 def test_bad_study_fails_before_anything_is_written(tmp_path, capsys, change, message):
