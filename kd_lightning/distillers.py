@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kd_lightning.losses import (

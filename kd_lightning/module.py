@@ -7,9 +7,8 @@ A scratch student is a ``DistillationModule`` without a teacher, so it is the KD
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.compiled import CompiledNetwork
 from kd_lightning.core import Distiller, head_width
 from kd_lightning.data.batch import as_batch
 from kd_lightning.distillers import CrossEntropy, DistillationTerm, shorthand_terms
@@ -30,26 +30,6 @@ from kd_lightning.optim import OptimizerRecipe
 from kd_lightning.seeding import derive_seed, run_seed
 
 Terms = Mapping[str, DistillationTerm] | Sequence[DistillationTerm]
-
-
-def compile_options(value: bool | Mapping[str, Any] | None, arg: str) -> dict[str, Any] | None:
-    """``compile_student``/``compile_model`` as ``torch.compile`` keyword arguments: ``False`` -> None (no
-    compilation), ``True`` -> ``{}`` (torch's defaults), a mapping -> its items, checked against ``torch.compile``'s
-    parameters so that a typo is an error at construction, not at the first step."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
-        value = value.as_dict()
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{arg} must be true, false or a dict of torch.compile arguments (e.g. "
-                         f"{{mode: max-autotune}}), got {value!r}.")
-    valid = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
-    unknown = [key for key in value if key not in valid]
-    if unknown:
-        raise ValueError(f"{arg}: {unknown} are not torch.compile arguments; valid: {', '.join(valid)}.")
-    return dict(value)
 
 
 class _TrainingModule(Distiller, LightningModule):
@@ -65,11 +45,7 @@ class _TrainingModule(Distiller, LightningModule):
         self.num_classes = num_classes
         self.optim = OptimizerRecipe.of(optim)
         self._channels_last = channels_last
-        self._compile_kwargs = compile_options(compile_value, compile_arg)
-        # (network, its torch.compile wrapper), made at the first step. A plain tuple, not an attribute holding the
-        # wrapper: torch.compile returns an nn.Module, which would register as a child and add `_orig_mod.` keys to
-        # state_dict(). The wrapper shares the network's parameters: the optimizer and DDP see them once.
-        self._compiled: tuple[nn.Module, Callable[..., Any]] | None = None
+        self._compiled = CompiledNetwork(compile_value, compile_arg)
         self._step_stats_due = False
         self.last_step_stats: Tensor | None = None  # step_statistics of the last step a callback asked for
         self._stats_settings = {"detailed": False, "per_sample": False}
@@ -85,19 +61,9 @@ class _TrainingModule(Distiller, LightningModule):
         return batch
 
     def run_network(self, x: Tensor) -> Any:
-        """The network's output in the steps: through its ``torch.compile`` wrapper when compilation is on (made at
-        the first call, remade if the network was replaced), else the plain network; exports use the plain one."""
-        network = self.network
-        if self._compile_kwargs is None:
-            return network(x)
-        if self._compiled is None or self._compiled[0] is not network:
-            self._compiled = (network, torch.compile(network, **self._compile_kwargs))
-        return self._compiled[1](x)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_compiled"] = None  # compiled code does not pickle; it is remade at the next step
-        return state
+        """The network's output in the steps: through its ``torch.compile`` wrapper when compilation is on, else
+        the plain network (which ``forward``, exports and evaluation use)."""
+        return self._compiled(self.network, x)
 
     # -- optimization --------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

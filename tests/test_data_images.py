@@ -14,7 +14,8 @@ from torch import nn
 from kd_lightning.data import CIFARDataModule, FlowersDataModule
 from kd_lightning.labels import UNLABELLED
 from kd_lightning.data.cifar import CIFAR10_CLASSES
-from kd_lightning.data.images import ImageDataset, decode_image_file
+from kd_lightning.data.files import decode_image_file
+from kd_lightning.data.images import ImageDataset
 from kd_lightning.data.synthetic import write_class_folders, write_images
 from kd_lightning.module import DistillationModule
 

@@ -14,7 +14,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 from kd_lightning.data import CIFARDataModule, FlowersDataModule, ImageDataset
 from kd_lightning.data import decoded
 from kd_lightning.data.decoded import DATA, INDEX, MANIFEST, DecodedImages
-from kd_lightning.data.images import ArrayImages, decode_image_file
+from kd_lightning.data.files import decode_image_file
+from kd_lightning.data.images import ArrayImages
 from kd_lightning.data.synthetic import write_class_folders, write_images
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace

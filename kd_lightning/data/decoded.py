@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from kd_lightning.data.images import decode_image_file, file_entries
+from kd_lightning.data.files import decode_image_file, file_entries
 
 FORMAT_VERSION = 1
 DATA, INDEX, MANIFEST = "images.u8", "index.npy", "manifest.json"

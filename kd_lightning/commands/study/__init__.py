@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
