@@ -1,6 +1,7 @@
 """A callback for tests that stops the training process as a scheduler or a crash would: a signal sent to itself
-at the start of a given batch (``epoch``, ``batch``). Named in a subprocess's config as
-``kill_switch.KillAt`` with ``tests/`` on ``PYTHONPATH``."""
+at the start of a given training batch (``epoch``, ``batch``), at the end of a given validation batch of that
+epoch (``stage="validation"``), or while a checkpoint is being written (``stage="checkpoint"``: the n-th save,
+``batch`` = n). Named in a subprocess's config as ``kill_switch.KillAt`` with ``tests/`` on ``PYTHONPATH``."""
 
 from __future__ import annotations
 
@@ -11,9 +12,26 @@ from lightning.pytorch.callbacks import Callback
 
 
 class KillAt(Callback):
-    def __init__(self, epoch: int, batch: int = 0, signal_name: str = "SIGKILL", rank: int = 0) -> None:
-        self.at, self.signum, self.rank = (epoch, batch), getattr(signal, signal_name), rank
+    def __init__(self, epoch: int, batch: int = 0, signal_name: str = "SIGKILL", rank: int = 0,
+                 stage: str = "train") -> None:
+        self.at, self.signum, self.rank, self.stage = (epoch, batch), getattr(signal, signal_name), rank, stage
+        self.saves = 0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def _kill(self, trainer, batch_idx: int) -> None:
         if (trainer.current_epoch, batch_idx) == self.at and trainer.global_rank == self.rank:
             os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stage == "train":
+            self._kill(trainer, batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "validation" and not trainer.sanity_checking:
+            self._kill(trainer, batch_idx)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # called while the checkpoint is being assembled, before its file is written: the process dies mid-write
+        if self.stage == "checkpoint" and trainer.global_rank == self.rank:
+            if self.saves == self.at[1]:
+                os.kill(os.getpid(), self.signum)
+            self.saves += 1

@@ -32,9 +32,9 @@ def fit(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int =
                           capture_output=True, text=True, timeout=timeout)
 
 
-def kill_at(epoch: int, batch: int, signal_name: str = "SIGKILL", rank: int = 0) -> str:
+def kill_at(epoch: int, batch: int, signal_name: str = "SIGKILL", rank: int = 0, stage: str = "train") -> str:
     return ("--trainer.callbacks+={class_path: kill_switch.KillAt, init_args: "
-            f"{{epoch: {epoch}, batch: {batch}, signal_name: {signal_name}, rank: {rank}}}}}")
+            f"{{epoch: {epoch}, batch: {batch}, signal_name: {signal_name}, rank: {rank}, stage: {stage}}}}}")
 
 
 def kd_args(name: str, epochs: int, *extra: str, config: Path = DIGITS / "kd.yaml") -> list[str]:
@@ -103,6 +103,33 @@ def test_preemption_signal_saves_the_current_step_exits_non_zero_and_resumes_exa
     resumed = fit(tmp_path, *kd_args("cut", 3, f"--ckpt_path={last}"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "logs/cut/version_0", tmp_path / "logs/full/version_0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name,stage,step_based", [
+    ("SIGTERM", "validation", False),  # during the end-of-epoch validation
+    ("SIGTERM", "validation", True),   # during a validation inside an epoch (val_check_interval)
+    ("SIGKILL", "checkpoint", True),   # while a checkpoint is being written
+], ids=["sigterm-epoch-validation", "sigterm-step-validation", "sigkill-checkpoint-writing"])
+def test_a_stop_during_validation_or_checkpoint_writing_loses_nothing(tmp_path, signal_name, stage, step_based):
+    """Stopped while it validates, a run finishes that validation first (its val/* points and best.ckpt exist),
+    then saves and exits; killed while writing a checkpoint, it resumes from the one before. Either way the resumed
+    run has the uninterrupted run's weights, val/* points and best.ckpt."""
+    every = ["--trainer.val_check_interval=6", "--trainer.check_val_every_n_epoch=null",
+             "--trainer.max_epochs=-1", "--trainer.max_steps=36"] if step_based else []
+    full = fit(tmp_path, *kd_args("full", 3, *every))
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = fit(tmp_path, *kd_args("cut", 3, *every, kill_at(1, 2 if stage == "validation" else 3, signal_name,
+                                                                stage=stage)))
+    expected = PREEMPTED_EXIT_CODE if signal_name == "SIGTERM" else -signal.SIGKILL
+    assert stopped.returncode == expected, stopped.stderr[-3000:]
+    last = tmp_path / "logs/cut/version_0/checkpoints/last.ckpt"
+    resumed = fit(tmp_path, *kd_args("cut", 3, *every, f"--ckpt_path={last}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "logs/cut/version_0", tmp_path / "logs/full/version_0")
+    best_cut, best_full = (load(tmp_path / f"logs/{run}/version_0/checkpoints/best.ckpt") for run in ("cut", "full"))
+    assert best_cut["global_step"] == best_full["global_step"]
+    assert all(torch.equal(v, best_full["state_dict"][k]) for k, v in best_cut["state_dict"].items())
 
 
 @pytest.mark.slow

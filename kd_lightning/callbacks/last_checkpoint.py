@@ -12,7 +12,10 @@ and resuming a finished run from it trains epochs again. This callback owns ``la
   runs, ``val_check_interval``), through ``trainer.save_checkpoint`` (written whole, then moved into place);
 * written when the run is stopped by ``SIGTERM`` (Lightning stops at the next batch boundary and raises
   ``SIGTERMException``), and ``SIGUSR1`` is handled the same way outside SLURM. The process then exits with
-  status 143 (128 + SIGTERM), so that a scheduler sees a preempted job, not a success. Under SLURM with
+  status 143 (128 + SIGTERM), so that a scheduler sees a preempted job, not a success. A signal that arrives
+  while the run validates takes effect when that validation ends: its ``val/*`` points are logged and
+  ``best.ckpt`` sees it, so a resumed run has every validation of the uninterrupted one (a validation of the
+  student takes seconds; schedulers give a grace period, e.g. SLURM's ``--signal`` lead time). Under SLURM with
   ``SLURMEnvironment(auto_requeue=True)`` (the default), ``SIGUSR1`` is Lightning's requeue signal: Lightning
   requeues the job, this callback notes it, and the job exits with status 0 when SLURM stops it;
 * every checkpoint records where the run logs (``log_dir``, logger version) and its SLURM job, so that
@@ -64,6 +67,8 @@ class LastCheckpoint(Checkpoint):
         self.filename = filename
         self.requeue_requested = False
         self.last_saved_path: str | None = None
+        self._validating = False  # between on_validation_start and on_validation_end of a fit
+        self._deferred: tuple[Any, int] | None = None  # (Lightning's SIGTERM handler, signal) held during validation
 
     def checkpoint_path(self, trainer: "pl.Trainer") -> str:
         dirpath = self.dirpath
@@ -87,11 +92,6 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer)
 
     @override
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.is_last_batch:  # at an epoch's end, on_train_epoch_end saves right after
-            self._save(trainer)
-
-    @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
@@ -102,12 +102,35 @@ class LastCheckpoint(Checkpoint):
                        + ("The job was requeued." if self.requeue_requested else
                           f"Exiting with status {PREEMPTED_EXIT_CODE}; resume with --ckpt_path {self.last_saved_path}"))
 
-    # -- SIGUSR1 ------------------------------------------------------------------------------------------
+    # -- signals: SIGTERM waits for a running validation; SIGUSR1 ---------------------------------------------
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._validating = trainer.state.fn == "fit"
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._validating = False
+        if not trainer.is_last_batch:  # at an epoch's end, on_train_epoch_end saves right after
+            self._save(trainer)
+        if self._deferred is not None:  # the stop asked for during the validation: now, at a batch boundary
+            handler, signum = self._deferred
+            self._deferred = None
+            handler(signum, None)
+
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Lightning has registered its handlers by now (and restores the previous ones when the fit ends).
         if os.name == "nt":
             return
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+        if callable(lightning_sigterm):
+            def sigterm_after_validation(signum: int, frame: FrameType | None) -> None:
+                if self._validating:  # Lightning would stop mid-validation: hold the signal until it ends
+                    self._deferred = (lightning_sigterm, signum)
+                else:
+                    lightning_sigterm(signum, frame)
+
+            signal.signal(signal.SIGTERM, sigterm_after_validation)
         registered = signal.getsignal(signal.SIGUSR1)
         if callable(registered):  # Lightning's SLURM auto-requeue handler (or the user's own): keep it, note it
             def note_requeue(signum: int, frame: FrameType | None) -> None:
