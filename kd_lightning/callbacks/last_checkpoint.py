@@ -69,6 +69,7 @@ class LastCheckpoint(Checkpoint):
         self.last_saved_path: str | None = None
         self._validating = False  # between on_validation_start and on_validation_end of a fit
         self._deferred: tuple[Any, int] | None = None  # (Lightning's SIGTERM handler, signal) held during validation
+        self._saved_for_stop = False  # last.ckpt already holds the state the stop will leave
 
     def checkpoint_path(self, trainer: "pl.Trainer") -> str:
         dirpath = self.dirpath
@@ -95,7 +96,8 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        self._save(trainer)
+        if not self._saved_for_stop:
+            self._save(trainer)
         # SIGTERMException is a SystemExit: its code is the process's exit status.
         exception.code = 0 if self.requeue_requested else PREEMPTED_EXIT_CODE
         rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_saved_path}. "
@@ -115,6 +117,9 @@ class LastCheckpoint(Checkpoint):
         if self._deferred is not None:  # the stop asked for during the validation: now, at a batch boundary
             handler, signum = self._deferred
             self._deferred = None
+            # inside an epoch, the save just above is the state to resume from (Lightning moves its step
+            # counter after this hook); at an epoch's end, on_exception saves it
+            self._saved_for_stop = not trainer.is_last_batch
             handler(signum, None)
 
     @override
