@@ -11,13 +11,15 @@ c. the online bound ``1 / (1/a + 1/b)``;  d. a plain PyTorch KD loop (teacher fo
 ``KLDivergenceLogger`` on;  f. the same, trained from cached teacher logits (batches that carry ``teacher_logits``,
 as ``TeacherCache`` serves them: no teacher forward).
 
-Then the ratios e/c, e/d and f/b, and the process's peak memory. With ``--data`` (an image folder, e.g. the
-shared flowers photos) it also times the training loader of offline KD (``FlowersDataModule`` with a teacher
-cache, and with ``decoded_cache``): it must deliver at least twice the images/s of the step it feeds (f).
+Then the ratios e/c, e/d and f/b, and the process's peak memory, for each of ``--image-sizes`` (128 and 64 px by
+default: at 64 px a step is short and the per-step overhead of the loop shows, as it does on a GPU). With
+``--data`` (an image folder, e.g. the shared flowers photos) it also times the training loader of offline KD
+(``FlowersDataModule`` with a teacher cache, and with ``decoded_cache``) at the first size: it must deliver at least
+twice the images/s of the step it feeds (f).
 
-    python benchmarks/kd_step_throughput.py                         # resnet18 -> the article's student, 128 px
+    python benchmarks/kd_step_throughput.py                         # resnet18 -> the article's student, 128 and 64 px
     python benchmarks/kd_step_throughput.py --data ../shared/data/flowers5
-    python benchmarks/kd_step_throughput.py --image-size 64 --student flowers_cnn
+    python benchmarks/kd_step_throughput.py --image-sizes 64 --student flowers_cnn
     python benchmarks/kd_step_throughput.py --device cuda --precision bf16 --channels-last   # on a GPU
 """
 
@@ -137,7 +139,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet18")
     parser.add_argument("--student", default="flowers_article_cnn")
     parser.add_argument("--num-classes", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
@@ -157,6 +159,22 @@ def main() -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)) \
         if args.precision != "32" else (lambda: torch.autocast(device.type, enabled=False))
 
+    print(f"{args.teacher} teacher -> {args.student} student, batch {args.batch_size}, {args.device}, precision "
+          f"{args.precision}{', channels_last' if args.channels_last else ''}, {torch.get_num_threads()} threads, "
+          f"{args.steps} steps x {args.rounds} interleaved rounds (medians)")
+    with tempfile.TemporaryDirectory() as log_dir:
+        args.work = args.work or str(Path(log_dir) / "work")
+        for position, size in enumerate(args.image_sizes):
+            args.image_size = size
+            measure(args, device, memory, autocast, log_dir, loaders=bool(args.data) and position == 0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = f", GPU peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+    print(f"peak memory: process RSS {peak:.0f} MiB{gpu_peak}")
+
+
+def measure(args, device: torch.device, memory: torch.memory_format, autocast: Callable, log_dir: str,
+            loaders: bool) -> None:
+    """a-f at ``args.image_size``, printed as one block of the table."""
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     cpu_batches = [(torch.randn(shape, generator=gen), torch.randint(0, args.num_classes, (args.batch_size,),
@@ -190,36 +208,27 @@ def main() -> None:
         opt.step()
 
     results: dict[str, list[float]] = {k: [] for k in "abdef"}
-    with tempfile.TemporaryDirectory() as log_dir:
-        args.work = args.work or str(Path(log_dir) / "work")
-        for _ in range(args.rounds):
-            results["a"].append(timed(teacher_forward, batches, device))
-            results["b"].append(timed(student_step, batches, device))
-            results["d"].append(timed(plain_kd_step, batches, device))
-            results["e"].append(lightning_ips(args, teacher, cpu_batches, device, log_dir))
-            results["f"].append(lightning_ips(args, teacher, cached, device, log_dir))
-        loaders = {}
-        if args.data:
-            teacher_cpu = teacher.to("cpu", memory_format=torch.contiguous_format)
-            loaders = {"JPEG files": loader_ips(args, teacher_cpu, decoded=False),
-                       "decoded cache": loader_ips(args, teacher_cpu, decoded=True)}
+    for _ in range(args.rounds):
+        results["a"].append(timed(teacher_forward, batches, device))
+        results["b"].append(timed(student_step, batches, device))
+        results["d"].append(timed(plain_kd_step, batches, device))
+        results["e"].append(lightning_ips(args, teacher, cpu_batches, device, log_dir))
+        results["f"].append(lightning_ips(args, teacher, cached, device, log_dir))
     a, b, d, e, f = (statistics.median(results[k]) for k in "abdef")
     c = 1.0 / (1.0 / a + 1.0 / b)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu_peak = f", GPU peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
-    print(f"{args.teacher} teacher -> {args.student} student, batch {args.batch_size}, {args.image_size} px, "
-          f"{args.device}, precision {args.precision}{', channels_last' if args.channels_last else ''}, "
-          f"{torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} interleaved rounds (medians)")
-    print(f"  a  teacher inference                 {a:8.1f} img/s")
-    print(f"  b  student training step             {b:8.1f} img/s")
-    print(f"  c  online KD bound 1/(1/a+1/b)       {c:8.1f} img/s")
-    print(f"  d  plain PyTorch KD loop             {d:8.1f} img/s   d/c = {d / c:.2f}")
-    print(f"  e  DistillationModule (TB + KL log)  {e:8.1f} img/s   e/c = {e / c:.2f}   e/d = {e / d:.2f}")
-    print(f"  f  DistillationModule from cache     {f:8.1f} img/s   f/b = {f / b:.2f}   f/e = {f / e:.2f}")
-    for name, ips in loaders.items():
-        print(f"  loader, offline KD, {name:13s}   {ips:8.1f} img/s   loader/f = {ips / f:.2f} "
-              f"({args.workers} worker{'s' if args.workers != 1 else ''})")
-    print(f"  peak memory: process RSS {peak:.0f} MiB{gpu_peak}")
+    px = f"{args.image_size} px"
+    print(f"  {px:>6}  a  teacher inference                 {a:8.1f} img/s")
+    print(f"  {px:>6}  b  student training step             {b:8.1f} img/s")
+    print(f"  {px:>6}  c  online KD bound 1/(1/a+1/b)       {c:8.1f} img/s")
+    print(f"  {px:>6}  d  plain PyTorch KD loop             {d:8.1f} img/s   d/c = {d / c:.2f}")
+    print(f"  {px:>6}  e  DistillationModule (TB + KL log)  {e:8.1f} img/s   e/c = {e / c:.2f}   e/d = {e / d:.2f}")
+    print(f"  {px:>6}  f  DistillationModule from cache     {f:8.1f} img/s   f/b = {f / b:.2f}   f/e = {f / e:.2f}")
+    if loaders:
+        teacher_cpu = teacher.to("cpu", memory_format=torch.contiguous_format)
+        for name, decoded in (("JPEG files", False), ("decoded cache", True)):
+            ips = loader_ips(args, teacher_cpu, decoded=decoded)
+            print(f"  {px:>6}  loader, offline KD, {name:13s}   {ips:8.1f} img/s   loader/f = {ips / f:.2f} "
+                  f"({args.workers} worker{'s' if args.workers != 1 else ''})")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from kd_lightning.labels import UNLABELLED
 from kd_lightning.metrics import DistillationStats, step_statistics
 from kd_lightning.models.loading import load_model
 from kd_lightning.optim import OptimizerRecipe
-from kd_lightning.seeding import derive_seed, run_seed
+from kd_lightning.log_steps import is_read_step
+from kd_lightning.seeding import derive_seed, run_seed, seed_step
 
 Terms = Mapping[str, DistillationTerm] | Sequence[DistillationTerm]
 
@@ -72,20 +73,21 @@ class _TrainingModule(Distiller, LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout and any other draw of the step come from a generator seeded by the step's position (see
         # kd_lightning.seeding): a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
-        torch.manual_seed(derive_seed(run_seed(), "step", self.global_rank, self.current_epoch, batch_idx))
+        seed_step(derive_seed(run_seed(), "step", self.global_rank, self.current_epoch, batch_idx), self.device)
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         out = self.step(self._prepare(batch), self.current_epoch, self.run_network)
         losses = self.losses(out)
-        self.log("train/loss", losses["loss"], prog_bar=True)
-        logged = {f"train/{name}": value for name, value in losses.items() if name != "loss"}
-        temperatures = self.temperatures()
-        if len(set(temperatures.values())) == 1:
-            logged["train/temperature"] = next(iter(temperatures.values()))
-        else:
-            logged.update({f"train/temperature_{name}": value for name, value in temperatures.items()})
-        self.log_dict(logged)
+        if self._trainer is None or is_read_step(self.trainer):  # other steps' values would be overwritten unseen
+            self.log("train/loss", losses["loss"], prog_bar=True)
+            logged = {f"train/{name}": value for name, value in losses.items() if name != "loss"}
+            temperatures = self.temperatures()
+            if len(set(temperatures.values())) == 1:
+                self.log("train/temperature", next(iter(temperatures.values())), prog_bar=True)
+            else:
+                logged.update({f"train/temperature_{name}": value for name, value in temperatures.items()})
+            self.log_dict(logged)
         student_logits = out.student_logits.detach()
         if self._step_stats_due and out.teacher_logits:
             self._step_stats_due = False
@@ -165,8 +167,12 @@ class _TrainingModule(Distiller, LightningModule):
         if stage == "val" and not self.trainer.sanity_checking:
             self.best_val_acc = max(self.best_val_acc or 0.0, float(values["acc"]))
             values["acc_best"] = torch.tensor(self.best_val_acc)
-        # already reduced by torchmetrics; sync_dist only re-averages equal values and keeps Lightning quiet
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
+        # already reduced by torchmetrics; sync_dist only re-averages equal values and keeps Lightning quiet. The
+        # progress bar shows the student's accuracy and, with a teacher, how far it is from it.
+        shown = ("acc", "kl")
+        for prog_bar in (True, False):
+            self.log_dict({f"{stage}/{name}": value for name, value in values.items() if (name in shown) == prog_bar},
+                          sync_dist=True, prog_bar=prog_bar)
         for metric in metrics.values():
             metric.reset()
 

@@ -3,6 +3,12 @@ fake of torchvision's CIFAR-10 files (they need a download)."""
 
 from __future__ import annotations
 
+import os
+
+# One CPU thread per test process: the networks are tiny (extra threads only synchronise) and `make test` runs one
+# worker per core (pytest-xdist). Set before torch is imported, so subprocesses started by tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,12 +4,11 @@ that belong to the run (optimised, checkpointed, restored) and not to the studen
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
+from in_process import run_cli
 import torch
 import torch.nn.functional as F
 
@@ -248,9 +247,8 @@ def test_bad_terms_are_clear_errors():
         module.trainable_parameters()
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd_lightning", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+def _cli(tmp_path: Path, *args: str):
+    return run_cli(tmp_path, *args)
 
 
 @pytest.mark.parametrize("term,message", [

@@ -3,11 +3,10 @@ plus one real teacher -> KD -> test pipeline through the ``kd-lightning`` comman
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from in_process import run_cli
 import torch
 import yaml
 from PIL import Image
@@ -119,9 +118,8 @@ def test_every_experiment_folder_has_a_base():
     assert folders and all((f / "base.yaml").is_file() for f in folders)
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd_lightning", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+def _cli(tmp_path: Path, *args: str):
+    return run_cli(tmp_path, *args)
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import nn

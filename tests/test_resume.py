@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from in_process import run_cli
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -236,7 +237,7 @@ WIDE_STUDENT = {"student.net.1.weight": torch.zeros(64, 64), "student.net.1.bias
         "other-student", "other-student-no-hparams"])
 def test_bad_ckpt_path_fails_before_anything_is_written(tmp_path, make, message):
     ckpt = make(tmp_path)
-    result = fit(tmp_path, *kd_args("bad", 2, f"--ckpt_path={ckpt}"))
+    result = run_cli(tmp_path, "fit", *kd_args("bad", 2, f"--ckpt_path={ckpt}"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "kd-lightning: error:" in result.stderr
     assert "Traceback" not in result.stderr

@@ -68,7 +68,7 @@ class TrainCounter:
 def test_mean_std_is_mean_and_sample_std():
     mean, std = mean_std([90.0, 92.0, 94.0, 96.0])
     assert mean == 93.0 and std == pytest.approx(math.sqrt(20 / 3))  # squares 9+1+1+9 over n-1 = 3
-    assert mean_std([91.5]) == (91.5, 0.0)
+    assert mean_std([91.5]) == (91.5, None)  # one seed has no spread to show
     with pytest.raises(ValueError):
         mean_std([])
 
@@ -89,7 +89,8 @@ def test_summarize_keeps_best_and_last_apart():
     assert kd["last_ckpt_test_acc_mean"] == pytest.approx(82.0)
     assert kd["last_ckpt_test_acc_std"] == pytest.approx(math.sqrt(8.0))
     assert kd["latency_us"] == 20.0  # best of the seeds
-    assert teacher["best_ckpt_test_acc_mean"] == pytest.approx(97.0) and teacher["last_ckpt_test_acc_std"] == 0.0
+    assert teacher["best_ckpt_test_acc_mean"] == pytest.approx(97.0) and teacher["last_ckpt_test_acc_std"] is None
+    assert "| teacher | 1 | 97.0 | 96.0 |" in to_markdown(rows)  # a single seed: its value, no "± 0.0"
     assert teacher["params"] is None and teacher["latency_us"] is None
 
 

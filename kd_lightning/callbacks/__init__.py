@@ -7,13 +7,16 @@
 - :class:`TeacherCache`: offline distillation from the teacher's logits on K seeded augmented views, computed once.
 - :class:`LastCheckpoint`: ``last.ckpt`` is always the latest state; a checkpoint and exit status on preemption
   (the ``kd-lightning`` command adds it to every fit).
+- :class:`PredictionWriter`: ``kd-lightning predict`` writes the predictions to ``predictions.csv`` (the command
+  adds it, settable as ``prediction.*``).
 """
 
 from kd_lightning.callbacks.kl_divergence_logger import KLDivergenceLogger
 from kd_lightning.callbacks.last_checkpoint import LastCheckpoint
+from kd_lightning.callbacks.prediction_writer import PredictionWriter
 from kd_lightning.callbacks.progressive_unfreezing import ProgressiveUnfreezing
 from kd_lightning.callbacks.teacher_cache import TeacherCache
 from kd_lightning.callbacks.temperature_scheduler import ScalarScheduler, TemperatureScheduler
 
-__all__ = ["KLDivergenceLogger", "LastCheckpoint", "ProgressiveUnfreezing", "ScalarScheduler", "TeacherCache",
-           "TemperatureScheduler"]
+__all__ = ["KLDivergenceLogger", "LastCheckpoint", "PredictionWriter", "ProgressiveUnfreezing", "ScalarScheduler",
+           "TeacherCache", "TemperatureScheduler"]

@@ -52,6 +52,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from typing_extensions import override
 
+from kd_lightning.log_steps import is_logged_step, logging_step
 from kd_lightning.metrics import STEP_TAGS
 
 _MAX_IMAGE_CLASSES = 100
@@ -126,19 +127,15 @@ class KLDivergenceLogger(Callback):
 
     @staticmethod
     def _step(trainer: "pl.Trainer") -> int:
-        # the step axis of Lightning's own logged metrics (what LearningRateMonitor uses too); private, pinned by
-        # tests/test_pinned_internals.py
-        return trainer.fit_loop.epoch_loop._batches_that_stepped
+        return logging_step(trainer)  # the step axis of Lightning's own logged metrics
 
-    # -- training steps ---------------------------------------------------------------------------------------
     def _due(self, trainer: "pl.Trainer") -> bool:
         # Python ints only: a step that logs nothing costs no tensor op and no host sync. The decision depends on
         # the step counter only, so it is the same on every rank (the reduce in on_train_batch_end is safe).
         if not self.log_train or not trainer.loggers:
             return False
         step = self._step(trainer)  # the same value at batch start and end (it moves after on_train_batch_end)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        return every >= 1 and (step + 1) % every == 0 and step > self._last_logged_step
+        return is_logged_step(trainer, self.log_every_n_steps) and step > self._last_logged_step
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,

@@ -50,6 +50,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from kd_lightning.log_steps import is_read_step
+
 SCHEDULES = ("constant", "step", "linear", "exponential", "cosine")
 
 # Which of delta / gamma / end each schedule accepts: exactly one of the listed options must be given.
@@ -296,7 +298,7 @@ class ScalarScheduler(Callback):
                              batch_idx: int) -> None:
         if self.interval == "step":
             self._apply(trainer, pl_module)
-        if self._log_key is not None:
+        if self._log_key is not None and is_read_step(trainer):  # only what the loggers write: no per-step cost
             pl_module.log(self._log_key, float(_get_attr(pl_module, self.attribute)), on_step=True,
                           on_epoch=False, batch_size=1)
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-# kd-lightning's own commands beside LightningCLI's: name -> (module with a main(argv), what it does)
+# LightningCLI's subcommands on experiment configs, and kd-lightning's own: name -> what it does
+LIGHTNING_COMMANDS = {
+    "fit": "train a run from its configs: --config experiments/digits/base.yaml --config experiments/digits/kd.yaml",
+    "validate": "the validation split's metrics of a checkpoint (--ckpt_path)",
+    "test": "the test split's metrics of a checkpoint (--ckpt_path)",
+    "predict": "a checkpoint's predictions (and its teacher's, --prediction.teacher true) in predictions.csv",
+}
+# kd-lightning's own commands: name -> (module with a main(argv), what it does)
 COMMANDS = {
     "study": ("kd_lightning.commands.study", "many runs and seeds from one study YAML, with one results table"),
     "quickstart": ("kd_lightning.commands.quickstart", "the digits study: teacher, KD and scratch students (1-2 min)"),
@@ -17,9 +24,26 @@ COMMANDS = {
 }
 
 
+def overview() -> str:
+    """``kd-lightning --help``: every command, one line each."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *COMMANDS]))
+    lines = ["usage: kd-lightning COMMAND [OPTIONS]   (kd-lightning COMMAND --help: the command's options)", "",
+             "Knowledge distillation on PyTorch Lightning: experiments from YAML, one command each.", "",
+             "Runs from configs (LightningCLI: configs merge left to right, any key overridable):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "Studies and students:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Every command takes --threads N (CPU threads). Bad input ends with one line "
+              "'kd-lightning: error: ...' (exit status 2) before anything is written."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``kd-lightning ARGS`` (``argv``: the arguments after the program name; None: the command line's)."""
     args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(overview())
+        return
     if args and args[0] in COMMANDS:
         importlib.import_module(COMMANDS[args[0]][0]).main(args[1:])
         return

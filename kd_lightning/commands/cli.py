@@ -12,7 +12,10 @@ sections (``trainer``, ``model``, ``data``, ``seed_everything``, ``ckpt_path``) 
   ``checkpoints/best.ckpt`` and ``last.ckpt``);
 * ``teacher_run``: the name of the run that trained the teacher: a KD run without ``teacher_checkpoint`` distils
   from that run's newest ``best.ckpt``;
-* ``checkpoint`` (the best ``val/acc``, Lightning's ModelCheckpoint) and ``last_checkpoint`` (``last.ckpt``).
+* ``checkpoint`` (the best ``val/acc``, Lightning's ModelCheckpoint) and ``last_checkpoint`` (``last.ckpt``);
+* ``prediction``: where ``predict`` writes ``predictions.csv`` (:class:`~kd_lightning.callbacks.PredictionWriter`);
+* ``threads``: PyTorch's CPU threads (default: 1 for networks under a million parameters on a CPU, where more
+  threads only synchronise; PyTorch's own choice otherwise).
 
 ``num_classes`` is linked from the DataModule into the model, so a config never writes it twice.
 """
@@ -20,24 +23,34 @@ sections (``trainer``, ``model``, ``data``, ``seed_everything``, ``ckpt_path``) 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from typing import Any, Optional
+
+import torch
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 # imported so that `--data.help`, `--model.help` and `trainer.callbacks` know kd_lightning's classes by name
 import kd_lightning.callbacks  # noqa: F401
 import kd_lightning.data  # noqa: F401
 import kd_lightning.module  # noqa: F401
 from kd_lightning.callbacks.last_checkpoint import RUN_KEY, LastCheckpoint, slurm_job_id
+from kd_lightning.callbacks.prediction_writer import PredictionWriter
 from kd_lightning.checkpoints import architecture_settings, check_state_fits, is_lightning_checkpoint, read_checkpoint
 from kd_lightning.commands.config_errors import explain
 from kd_lightning.commands.errors import INPUT_ERRORS, exit_with_error, plain_value, root_cause
+from kd_lightning.exceptions import InputError
 from kd_lightning.optim import OptimizerRecipe
+
+SMALL_NETWORKS = 1_000_000  # parameters, teacher and student together: below it a CPU run uses one thread
+DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's choice in this process, for the runs that are not small
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -68,6 +81,10 @@ class KDLightningCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
                              "checkpoint.filename": "best"})
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+        parser.add_argument("--threads", type=Optional[int], default=None,
+                            help="PyTorch's CPU threads (default: 1 for networks under a million parameters on a "
+                                 "CPU, PyTorch's choice otherwise)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # jsonargparse prints its usage and a report on every Union member; say instead, in one line, which key is
@@ -117,6 +134,8 @@ class KDLightningCLI(LightningCLI):
             exit_with_error(err)
         if self.subcommand != "fit":
             return
+        if self._resume_from is not None:  # a resumed run writes into its own checkpoint folder, as it should
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if self._resume_from is not None and logger is not None:
             # Continue the run's own log version (one TensorBoard curve), unless the config names another.
             run = self._resume_from.get(RUN_KEY) or {}
@@ -146,11 +165,24 @@ class KDLightningCLI(LightningCLI):
         # jsonargparse wraps a constructor's error in a long union-validation report: show just the cause.
         try:
             super().instantiate_classes()
+        except MisconfigurationException as err:  # the Trainer's: e.g. a GPU config on a machine without one
+            exit_with_error(explain_trainer_error(err, self.config[self.subcommand] if self.subcommand else
+                                                  self.config))
         except Exception as err:  # noqa: BLE001 - re-raised unless it is one of our clear input errors
             cause = root_cause(err)
             if isinstance(cause, INPUT_ERRORS) and cause is not err:
                 exit_with_error(cause)
             raise
+
+    def _choose_threads(self) -> None:
+        """``threads`` as given, else one thread for small networks on a CPU (more only synchronise)."""
+        threads = self.config[self.subcommand].get("threads")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}.")
+        if threads is None:  # set either way: runs of a study share this process
+            small = sum(p.numel() for p in self.model.parameters()) < SMALL_NETWORKS
+            threads = 1 if small and self.trainer.strategy.root_device.type == "cpu" else DEFAULT_THREADS
+        torch.set_num_threads(threads)
 
     def _check_model_fits_data(self) -> None:
         # Before the trainer runs, so a mismatch writes nothing under logs/.
@@ -185,6 +217,7 @@ class KDLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         try:
+            self._choose_threads()
             self._check_model_fits_data()
             self._resume_requeued_slurm_job()
         except INPUT_ERRORS as err:
@@ -192,12 +225,70 @@ class KDLightningCLI(LightningCLI):
 
     def before_validate(self) -> None:
         try:
+            self._choose_threads()
             self._check_model_fits_data()
         except INPUT_ERRORS as err:
             exit_with_error(err)
 
     before_test = before_validate
     before_predict = before_validate
+
+    def after_fit(self) -> None:
+        print_summary(self.trainer, "fit")
+
+    def after_test(self) -> None:
+        print_summary(self.trainer, "test")
+
+    def after_predict(self) -> None:
+        print_summary(self.trainer, "predict")
+
+
+def explain_trainer_error(err: Exception, config: Any) -> str:
+    """The Trainer's configuration error in one line; a GPU asked for on a machine without one says what to set."""
+    message = " ".join(str(err).split())
+    accelerator = str((config.get("trainer") or {}).get("accelerator", ""))
+    if "gpu backend" in message.lower() or (accelerator in ("gpu", "cuda") and not torch.cuda.is_available()):
+        return (f"this config asks for trainer.accelerator {accelerator!r}, but no GPU is available here "
+                f"({message}); on a CPU add --trainer.accelerator cpu --trainer.devices 1 (and "
+                "--trainer.precision 32-true for a mixed-precision config).")
+    return f"the trainer settings are not valid here: {message}"
+
+
+def print_summary(trainer: Any, stage: str) -> None:
+    """What a finished command leaves, on rank 0: best val/acc and its step, test acc, the files, TensorBoard."""
+    if not trainer.is_global_zero or trainer.interrupted:
+        return
+    lines = []
+    best = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+    if stage == "fit" and best is not None and best.best_model_score is not None:
+        step = read_checkpoint(best.best_model_path, "best.ckpt").get("global_step") if best.best_model_path else None
+        lines.append(f"best {best.monitor} {100 * float(best.best_model_score):.2f}%"
+                     + (f" at step {step}" if step is not None else "") + f": {best.best_model_path}")
+    last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.last_saved_path), None)
+    if stage == "fit" and last is not None:
+        lines.append(f"latest state (resume with --ckpt_path): {last.last_saved_path}")
+    if stage == "test" and "test/acc" in trainer.callback_metrics:
+        lines.append(f"test/acc {100 * float(trainer.callback_metrics['test/acc']):.2f}%")
+    writer = next((c for c in trainer.callbacks if isinstance(c, PredictionWriter) and c.written), None)
+    if stage == "predict" and writer is not None:
+        lines.append(f"predictions: {writer.written}")
+    if trainer.log_dir and stage != "predict":
+        lines.append(f"TensorBoard: tensorboard --logdir {os.path.dirname(trainer.log_dir.rstrip(os.sep))}")
+    if lines:
+        print("\n".join(f"kd-lightning: {line}" for line in lines))
+
+
+def quiet_lightning_notices() -> None:
+    """Silence what every run printed and no user acts on: Lightning's LitLogger tip and torch's LeafSpec
+    deprecation (raised inside Lightning)."""
+    class NoTip(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in str(record.msg).lower()
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, NoTip) for f in rank_zero.filters):
+        rank_zero.addFilter(NoTip())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def resolve_teacher_run(config: Any, logger: Any) -> None:
@@ -271,12 +362,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
     """Build the CLI (and run the subcommand); ``args`` as on the command line, e.g. for tests."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    return KDLightningCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,
-        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-        parser_kwargs={"description": __doc__, "allow_abbrev": False},
-    )
+    quiet_lightning_notices()
+    try:
+        return KDLightningCLI(
+            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+            parser_kwargs={"description": __doc__, "allow_abbrev": False},
+        )
+    except InputError as err:  # bad input only a run finds (a download that fails): one line, nothing written
+        exit_with_error(err)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from kd_lightning.commands.inputs import (
     data_parser,
     instantiate_data,
     load_trained,
+    output_folder,
     parse_architecture,
     parse_named_path,
     split_loader,
@@ -315,6 +316,9 @@ def _run(argv: list[str] | None) -> list[dict[str, Any]]:
     num_classes = data.num_classes
     class_names = [str(c) for c in getattr(data, "class_names", None) or range(num_classes)]
     models = {name: load_trained(path, num_classes, archs.get(name)) for name, path in specs}
+    output_folder(cfg.out)  # the inputs are good: now the outputs' folders, before the work
+    if cfg.tensorboard:
+        output_folder(cfg.tensorboard, "--tensorboard")
     rows = evaluate_models(models, split_loader(data, cfg.split), num_classes,
                            teacher_name=names[0] if cfg.teacher else None,
                            latency_batch_sizes=cfg.latency_batch_sizes, latency_repeats=cfg.repeats,

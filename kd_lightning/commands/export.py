@@ -26,6 +26,7 @@ from kd_lightning.commands.inputs import (
     data_parser,
     instantiate_data,
     load_trained,
+    output_folder,
     parse_architecture,
     parse_named_path,
     split_loader,
@@ -187,13 +188,19 @@ def _run(argv: list[str] | None) -> list[ExportedFile]:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed absolute difference of exported and PyTorch logits")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     cfg = parser.parse_args(argv)
     if not cfg.atol >= 0:
         parser.error("--atol must be >= 0")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(cfg.threads)
 
     name, path = parse_named_path(cfg.student, "student")
     data = instantiate_data(parser, cfg)
     net = load_trained(path, data.num_classes, parse_architecture(cfg.arch) if cfg.arch else None)
+    output_folder(cfg.out)  # the inputs are good: now the output folder, before the export
     images = next(iter(split_loader(data, cfg.split)))[0]
     exported = export_network(net, images, cfg.out, name, cfg.formats, cfg.atol)
     for e in exported:

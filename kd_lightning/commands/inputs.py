@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -118,7 +121,26 @@ def load_trained(path: str, num_classes: int, arch: Architecture | None = None) 
     except ValueError as err:
         if held is None or arch is None:
             raise
-        raise ValueError(f"{str(err).rstrip('.')}. The checkpoint holds {held} (its hyper_parameters); "
-                         f"asked for {arch} with {num_classes} classes.") from err
+        reason = str(err).rstrip(".") + ("" if str(err).rstrip().endswith("?") else ".")
+        raise ValueError(f"{reason} The checkpoint holds {held} (its hyper_parameters); asked for {arch} with "
+                         f"{num_classes} classes.") from err
 
 
+
+
+def output_folder(path: str, flag: str = "--out") -> str:
+    """Create the output folder ``path`` (and its missing parents) and check that a file can be written in it: a
+    clear error naming the flag otherwise, with nothing left behind. Called before any work, so that a bad folder
+    is not found after minutes of evaluation, or blamed on the network."""
+    folder = os.path.abspath(path)
+    created = next((p for p in [*reversed(Path(folder).parents), Path(folder)] if not p.exists()), None)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise ValueError(f"{flag} {path!r} cannot be written ({err.strerror or type(err).__name__}: "
+                         f"{err.filename or folder}). Choose a folder you can write to.") from None
+    return path

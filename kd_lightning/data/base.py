@@ -20,7 +20,9 @@ each row is one-hot (all zero for an unlabelled row) and rows are mixed in pairs
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -31,8 +33,25 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from kd_lightning.data.batch import Batch, WithIndex, as_batch
 from kd_lightning.data.resumable import EpochShuffleSampler, LoaderProgress, ResumableLoader, SeededSamples
 from kd_lightning.data.splits import labelled_subset
+from kd_lightning.exceptions import InputError
 from kd_lightning.labels import UNLABELLED, one_hot_targets
 from kd_lightning.seeding import derive_seed, run_seed, seeded_rng
+
+
+def fetch(download: Callable[[], Any], root: str | Path, what: str) -> None:
+    """Run ``download`` (which fills ``root``); when it fails (no internet, a broken archive), remove the folders it
+    created, so nothing half-written stays, and raise one :class:`InputError` that says what to do instead."""
+    root = Path(root)
+    created = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)
+    try:
+        download()
+    except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{what}: the download into '{root}' failed ({type(err).__name__}: {reason}). Without "
+                         "internet, fetch the files on a machine that has it and set data.init_args.root to the copy "
+                         "(with download: false).") from None
 
 
 class PartiallyLabelled(Dataset):
@@ -92,6 +111,8 @@ class ClassificationDataModule(LightningDataModule):
             (0: off; both > 0: one of the two per batch). Labels become soft ``(B, K)``; see the module docstring.
         return_index: training batches carry each row's dataset index as a third field
             (:mod:`kd_lightning.data.batch`); MixUp/CutMix refuse such batches.
+        predict_split: the split ``kd-lightning predict`` runs on: ``test`` (the validation split when there is no
+            test split) or ``val``.
     """
 
     num_classes: int
@@ -101,8 +122,11 @@ class ClassificationDataModule(LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, labelled_fraction: float = 1.0, use_unlabelled: bool = True,
                  split_seed: int = 0, noise_std: float = 0.0, mixup_alpha: float = 0.0,
-                 cutmix_alpha: float = 0.0, return_index: bool = False) -> None:
+                 cutmix_alpha: float = 0.0, return_index: bool = False,
+                 predict_split: Literal["test", "val"] = "test") -> None:
         super().__init__()
+        # the settings as given (the subclass's too): TensorBoard's HPARAMS compares runs by them
+        self.save_hyperparameters(logger=False)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if num_workers < 0:
@@ -114,6 +138,9 @@ class ClassificationDataModule(LightningDataModule):
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {mixup_alpha} and "
                              f"{cutmix_alpha}.")
+        if predict_split not in ("test", "val"):
+            raise ValueError(f"predict_split must be 'test' or 'val', got {predict_split!r}.")
+        self.predict_split = predict_split
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -233,6 +260,9 @@ class ClassificationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set if self.test_set is not None else self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader() if self.predict_split == "val" else self.test_dataloader()
 
     # -- batch-level augmentation, on the device -------------------------------------------------------------
     def augment_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

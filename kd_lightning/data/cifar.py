@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from kd_lightning.data.base import fetch
 from kd_lightning.data.images import (
     ArrayImages,
     FitSize,
@@ -107,8 +108,11 @@ class CIFARDataModule(ImageClassificationDataModule):
 
     def prepare_data(self) -> None:
         if self.source == "torchvision" and self.download:
-            for train in (True, False):
-                self._torchvision_class()(str(self.root), train=train, download=True)
+            def download() -> None:
+                for train in (True, False):
+                    self._torchvision_class()(str(self.root), train=train, download=True)
+
+            fetch(download, self.root, f"CIFARDataModule ({self.dataset})")
         super().prepare_data()  # the decoded-image cache of an image-folder copy (torchvision's arrays need none)
 
     def find_splits(self) -> tuple[Split, Split, Split | None]:

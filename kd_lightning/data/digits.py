@@ -6,7 +6,7 @@ train in seconds on a laptop CPU.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -30,10 +30,10 @@ class DigitsDataModule(ClassificationDataModule):
                  batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, labelled_fraction: float = 1.0, use_unlabelled: bool = True,
                  split_seed: int = 0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 return_index: bool = False) -> None:
+                 return_index: bool = False, predict_split: Literal["test", "val"] = "test") -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, labelled_fraction,
                          use_unlabelled, split_seed, noise_std=noise_std, mixup_alpha=mixup_alpha,
-                         cutmix_alpha=cutmix_alpha, return_index=return_index)
+                         cutmix_alpha=cutmix_alpha, return_index=return_index, predict_split=predict_split)
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got "
                              f"{val_fraction} and {test_fraction}.")

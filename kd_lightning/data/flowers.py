@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from kd_lightning.data.base import fetch
 from kd_lightning.data.images import (
     ImageClassificationDataModule,
     Split,
@@ -89,12 +90,14 @@ class FlowersDataModule(ImageClassificationDataModule):
         if self.download and self.dataset == "flowers102":
             from torchvision.datasets import Flowers102
 
-            Flowers102(str(self.root), split="train", download=True)
+            fetch(lambda: Flowers102(str(self.root), split="train", download=True), self.root,
+                  "FlowersDataModule (flowers102)")
         elif self.download and not self.root.exists():
             from torchvision.datasets.utils import download_and_extract_archive
 
-            download_and_extract_archive(FLOWER_PHOTOS_URL, download_root=str(self.root.parent),
-                                         remove_finished=True)
+            fetch(lambda: download_and_extract_archive(FLOWER_PHOTOS_URL, download_root=str(self.root.parent),
+                                                       remove_finished=True), self.root,
+                  "FlowersDataModule (flower_photos)")
         super().prepare_data()  # the decoded-image cache, once the files are there
 
     def find_splits(self) -> tuple[Split, Split, Split | None]:

@@ -60,7 +60,7 @@ def add_study_options(parser: argparse.ArgumentParser, default_out: str, default
                         help="override for every run, after the study's own, e.g. --set trainer.max_steps=32 "
                              "(a quick smoke test) or --set trainer.accelerator=gpu; repeatable")
     parser.add_argument("--threads", type=int, default=default_threads,
-                        help=f"CPU threads for PyTorch (default: {default_threads or 'PyTorch’s choice'}); tiny "
+                        help=f"CPU threads for PyTorch (default: {default_threads or 'each run chooses: 1 for networks under a million parameters on a CPU, else PyTorch’s choice'}); tiny "
                              "models train fastest on 1")
     parser.add_argument("--verbose", action="store_true", help="show Lightning's notices, warnings and progress bars")
 
@@ -86,12 +86,13 @@ def run_from_options(study_file: str | Path, options: argparse.Namespace, defaul
         sets = _parse_sets(options.overrides)
         if options.verbose:
             sets = {"trainer.enable_progress_bar": True, "trainer.enable_model_summary": True, **sets}
-        spec = with_overrides(spec, sets)
         out = Path(options.out or default_out)
         if options.threads is not None:
             if options.threads < 1:
                 raise StudyError(f"--threads must be >= 1, got {options.threads}.")
-            torch.set_num_threads(options.threads)
+            torch.set_num_threads(options.threads)  # the checks before the runs, and each run (a speed setting)
+            sets = {**sets, "threads": options.threads}
+        spec = with_overrides(spec, sets)
         start = time.perf_counter()
         with contextlib.nullcontext() if options.verbose else quiet_lightning():
             rows = run_study(spec, out)

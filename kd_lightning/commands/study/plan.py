@@ -23,8 +23,8 @@ from kd_lightning.commands.study.spec import OWNED_KEYS, RunSpec, StudyError, St
 
 # Per-run chatter would bury the one progress line per run; a study may turn these back on in its overrides.
 QUIET_ARGS = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
-# Display settings, left out of a run's config hash: --verbose must not make a study train again.
-DISPLAY_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
+# Display and speed settings, left out of a run's config hash: --verbose or --threads must not make a study train again.
+DISPLAY_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "threads")
 
 
 @dataclass

@@ -40,11 +40,11 @@ class RunResult:
         return asdict(self)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); the std of a single value is 0."""
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); a single value has no std (None: undefined, not 0)."""
     if not values:
         raise ValueError("mean_std needs at least one value.")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def summarize(results: Sequence[RunResult], runs: Sequence[str], labels: dict[str, str] | None = None,
@@ -85,7 +85,7 @@ def mean_curve(curves: Sequence[Curve]) -> tuple[list[int], list[float], list[fl
             by_step.setdefault(step, []).append(value)
     steps = sorted(by_step)
     stats = [mean_std(by_step[step]) for step in steps]
-    return steps, [m for m, _ in stats], [s for _, s in stats]
+    return steps, [m for m, _ in stats], [s or 0.0 for _, s in stats]  # a band of 0 where one seed reached it
 
 
 def read_scalar_curve(log_dir: Path, tag: str) -> Curve:
@@ -102,8 +102,8 @@ def read_scalar_curve(log_dir: Path, tag: str) -> Curve:
 
 
 # -- writers ------------------------------------------------------------------------------------------------
-def _pct(mean: float, std: float) -> str:
-    return f"{mean:.1f} ± {std:.1f}"
+def _pct(mean: float, std: float | None) -> str:
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -124,7 +124,7 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
             "" if r["latency_us"] is None else f"{r['latency_us']:.0f} µs"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
-        "\nTest accuracy: mean ± sample std over seeds; best.ckpt is the checkpoint of the best validation accuracy, "
+        "\nTest accuracy: mean ± sample std over seeds (a single seed: its value); best.ckpt is the checkpoint of the best validation accuracy, "
         "last.ckpt the last one written; best val acc: the validation accuracy that chose best.ckpt (tune on it, "
         "not on test). Size on disk: the trained network's state_dict; latency: best of 300 "
         "single-image forward passes on one CPU thread.")
@@ -166,10 +166,12 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
     bars, lines = axes[0], axes[-1]
     x = range(len(rows))
     width = 0.38
-    low = min(r[f"{k}_test_acc_mean"] - r[f"{k}_test_acc_std"] for r in rows for k in ("best_ckpt", "last_ckpt"))
+    low = min(r[f"{k}_test_acc_mean"] - (r[f"{k}_test_acc_std"] or 0.0) for r in rows
+              for k in ("best_ckpt", "last_ckpt"))
     limits = (max(0.0, 5 * math.floor((low - 5) / 5)), 100)  # zoom in: the differences are what matter
+    axis_title = "test accuracy (%)" + (f", axis from {limits[0]:.0f}" if limits[0] > 0 else "")
     for offset, key, label in ((-width / 2, "best_ckpt", "best.ckpt"), (width / 2, "last_ckpt", "last.ckpt")):
-        means, stds = [r[f"{key}_test_acc_mean"] for r in rows], [r[f"{key}_test_acc_std"] for r in rows]
+        means, stds = [r[f"{key}_test_acc_mean"] for r in rows], [r[f"{key}_test_acc_std"] or 0.0 for r in rows]
         if many:
             bars.barh([i - offset for i in x], means, width, xerr=stds, capsize=3, label=label)
         else:
@@ -178,22 +180,28 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
         bars.set_xlim(*limits)
         bars.set_yticks(list(x), [n.replace("\n", ": ") for n in names], fontsize=7)
         bars.invert_yaxis()  # the study's order, top to bottom
-        bars.set_xlabel("test accuracy (%)")
+        bars.set_xlabel(axis_title)
         bars.grid(axis="x", alpha=0.3)
     else:
         bars.set_ylim(*limits)
         bars.set_xticks(list(x), names, fontsize=8)
-        bars.set_ylabel("test accuracy (%)")
+        bars.set_ylabel(axis_title)
     bars.set_title("Test accuracy, mean ± std over seeds")
     bars.legend(loc="lower right" if many else "upper right", fontsize=8)
     if with_x:
         _plot_against_x(axes[1], rows, x_label, legend_below=many)
+    # a colour per label, a line style per group: runs of the same kind in two groups (the KD student with all
+    # labels and with 10%) often lie on top of each other; the styles keep both visible
+    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r["label"] for r in rows))}
+    styles = {group: style for group, style in zip(dict.fromkeys(r["group"] for r in rows),
+                                                   ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))] * 4)}
     for r, name in zip(rows, names):
         steps, means, stds = curves.get(r["run"], ([], [], []))
         if not steps:
             continue
         means_pct = [100 * m for m in means]
-        line, = lines.plot(steps, means_pct, label=name.replace("\n", ": "))
+        line, = lines.plot(steps, means_pct, label=name.replace("\n", ": "), color=colours[r["label"]],
+                           linestyle=styles[r["group"]], linewidth=1.6)
         lines.fill_between(steps, [m - 100 * s for m, s in zip(means_pct, stds)],
                            [m + 100 * s for m, s in zip(means_pct, stds)], color=line.get_color(), alpha=0.15)
     lines.set_xlabel("optimizer step")
@@ -216,7 +224,7 @@ def _plot_against_x(ax: Any, rows: Sequence[dict[str, Any]], x_label: str, legen
     without an x is a horizontal line (band: ± std) across the panel."""
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("x") is not None))
     for label in labels:
-        points = sorted((r["x"], r["best_ckpt_test_acc_mean"], r["best_ckpt_test_acc_std"], r["seeds"])
+        points = sorted((r["x"], r["best_ckpt_test_acc_mean"], r["best_ckpt_test_acc_std"] or 0.0, r["seeds"])
                         for r in rows if r["label"] == label and r.get("x") is not None)
         xs, means, stds, seeds = zip(*points)
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
@@ -226,8 +234,9 @@ def _plot_against_x(ax: Any, rows: Sequence[dict[str, Any]], x_label: str, legen
     for r in rows:
         if r.get("x") is None:
             line = ax.axhline(r["best_ckpt_test_acc_mean"], linestyle="--", color="gray", label=r["label"])
-            ax.axhspan(r["best_ckpt_test_acc_mean"] - r["best_ckpt_test_acc_std"],
-                       r["best_ckpt_test_acc_mean"] + r["best_ckpt_test_acc_std"], color=line.get_color(), alpha=0.1)
+            std = r["best_ckpt_test_acc_std"] or 0.0
+            ax.axhspan(r["best_ckpt_test_acc_mean"] - std, r["best_ckpt_test_acc_mean"] + std,
+                       color=line.get_color(), alpha=0.1)
     ax.set_xscale("log")
     ticks = sorted({r["x"] for r in rows if r.get("x") is not None})
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
