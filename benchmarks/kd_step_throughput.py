@@ -11,8 +11,9 @@ c. the online bound ``1 / (1/a + 1/b)``;  d. a plain PyTorch KD loop (teacher fo
 ``KLDivergenceLogger`` on;  f. the same, trained from cached teacher logits (batches that carry ``teacher_logits``,
 as ``TeacherCache`` serves them: no teacher forward).
 
-Then the ratios e/c, e/d and f/b, and the process's peak memory, for each of ``--image-sizes`` (128 and 64 px by
-default: at 64 px a step is short and the per-step overhead of the loop shows, as it does on a GPU). With
+Then the ratios e/c, e/d and f/b (each the median over rounds of the ratio measured within one round, so that a
+load change on the machine between rounds cancels) and the process's peak memory, for each of ``--image-sizes``
+(128 and 64 px by default: at 64 px a step is short and the per-step overhead of the loop shows, as it does on a GPU). With
 ``--data`` (an image folder, e.g. the shared flowers photos) it also times the training loader of offline KD
 (``FlowersDataModule`` with a teacher cache, and with ``decoded_cache``) at the first size: it must deliver at least
 twice the images/s of the step it feeds (f).
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="an image folder: also time offline KD's training loader")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes (with --data)")
     parser.add_argument("--work", default=None, help="where the loader's caches go (default: a temporary folder)")
+    parser.add_argument("--show-rounds", action="store_true", help="print every round's a-f, not only the medians")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
@@ -217,12 +219,25 @@ def measure(args, device: torch.device, memory: torch.memory_format, autocast: C
     a, b, d, e, f = (statistics.median(results[k]) for k in "abdef")
     c = 1.0 / (1.0 / a + 1.0 / b)
     px = f"{args.image_size} px"
+    if args.show_rounds:
+        for k in "abdef":
+            print(f"  {px:>6}  {k}  rounds: " + ", ".join(f"{v:.1f}" for v in results[k]))
+
+    def ratio(num: str, den: str) -> float:
+        """The median over rounds of num/den measured in the same round: a load change on the machine between
+        rounds cancels (c of a round is that round's bound)."""
+        per_round = dict(results)
+        per_round["c"] = [1.0 / (1.0 / x + 1.0 / y) for x, y in zip(results["a"], results["b"])]
+        return statistics.median(n / m for n, m in zip(per_round[num], per_round[den]))
+
     print(f"  {px:>6}  a  teacher inference                 {a:8.1f} img/s")
     print(f"  {px:>6}  b  student training step             {b:8.1f} img/s")
     print(f"  {px:>6}  c  online KD bound 1/(1/a+1/b)       {c:8.1f} img/s")
-    print(f"  {px:>6}  d  plain PyTorch KD loop             {d:8.1f} img/s   d/c = {d / c:.2f}")
-    print(f"  {px:>6}  e  DistillationModule (TB + KL log)  {e:8.1f} img/s   e/c = {e / c:.2f}   e/d = {e / d:.2f}")
-    print(f"  {px:>6}  f  DistillationModule from cache     {f:8.1f} img/s   f/b = {f / b:.2f}   f/e = {f / e:.2f}")
+    print(f"  {px:>6}  d  plain PyTorch KD loop             {d:8.1f} img/s   d/c = {ratio('d', 'c'):.2f}")
+    print(f"  {px:>6}  e  DistillationModule (TB + KL log)  {e:8.1f} img/s   e/c = {ratio('e', 'c'):.2f}   "
+          f"e/d = {ratio('e', 'd'):.2f}")
+    print(f"  {px:>6}  f  DistillationModule from cache     {f:8.1f} img/s   f/b = {ratio('f', 'b'):.2f}   "
+          f"f/e = {ratio('f', 'e'):.2f}")
     if loaders:
         teacher_cpu = teacher.to("cpu", memory_format=torch.contiguous_format)
         for name, decoded in (("JPEG files", False), ("decoded cache", True)):

@@ -104,7 +104,7 @@ CASES = [
     ("truncated-ckpt-path", lambda d, c: ["test", *KD_RANDOM_TEACHER, f"--ckpt_path={_garbage(d)}"],
      "cannot be read as a checkpoint", "truncated"),
     ("ckpt-of-another-module", lambda d, c: ["test", *KD_RANDOM_TEACHER, f"--ckpt_path={c.teacher}"],
-     "holds a ClassifierModule run", "DistillationModule"),
+     "holds a ClassifierModule", "the config trains a DistillationModule"),
     ("missing-data-folder", lambda d, c: ["fit", *FLOWERS, "--data.init_args.root=nowhere"],
      "the data folder 'nowhere' does not exist", "Expected layout"),
     ("gpu-config-on-a-cpu", lambda d, c: ["fit", *CIFAR100], "no GPU is available here", "--trainer.accelerator cpu"),

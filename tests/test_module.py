@@ -153,20 +153,21 @@ def test_metrics_are_right_on_known_predictions(tmp_path):
     assert res["val/kl"] > 1.0
 
 
-def test_temperature_and_alpha_are_plain_attributes_used_by_the_next_step(tmp_path):
+def test_temperature_and_weights_are_plain_attributes_used_by_the_next_step(tmp_path):
     seen = []
 
     class Lower(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            pl_module.temperature, pl_module.alpha = 1.0 + batch_idx, 0.5
+            pl_module.temperature, pl_module.terms["kd"].weight = 1.0 + batch_idx, 0.5
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(trainer.callback_metrics["train/temperature"].item())
+            seen.append((trainer.callback_metrics["train/temperature"].item(),
+                         pl_module.terms["kd"].temperature, pl_module.terms["kd"].weight))
 
     module = DistillationModule(student=student(), teacher=teacher_with_bn_and_dropout(), num_classes=NUM_CLASSES)
     train, _ = loaders(n=24)
-    trainer(tmp_path, max_epochs=1, callbacks=[Lower()]).fit(module, train)
-    assert seen == [1.0, 2.0, 3.0]
+    trainer(tmp_path, max_epochs=1, callbacks=[Lower()], log_every_n_steps=1).fit(module, train)
+    assert seen == [(1.0, 1.0, 0.5), (2.0, 2.0, 0.5), (3.0, 3.0, 0.5)]
 
 
 def test_multi_head_teacher_uses_weights(tmp_path):

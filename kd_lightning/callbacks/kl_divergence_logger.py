@@ -108,8 +108,10 @@ class KLDivergenceLogger(Callback):
         self._last_logged_step = state_dict["last_logged_step"]
 
     # -- setup ----------------------------------------------------------------------------------------------------
-    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None) -> None:
+    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None, stage: str = "fit") -> None:
         """A clear error, before anything is written, for a module without a teacher to compare with."""
+        if stage not in ("fit", "validate"):
+            return
         if not hasattr(pl_module, "track_distillation_stats") or getattr(pl_module, "teacher", None) is None:
             raise ValueError(f"KLDivergenceLogger compares a student with its teacher: it needs a "
                              f"kd_lightning.DistillationModule with a teacher; got {type(pl_module).__name__}"
@@ -117,7 +119,9 @@ class KLDivergenceLogger(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.check_settings(pl_module, trainer.datamodule)
+        if stage not in ("fit", "validate"):
+            return
+        self.check_settings(pl_module, trainer.datamodule, stage)
         num_classes = pl_module.num_classes
         names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
         names = [str(n) for n in names] if names is not None and len(names) == num_classes else []

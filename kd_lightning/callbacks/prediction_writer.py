@@ -43,8 +43,9 @@ class PredictionWriter(BasePredictionWriter):
         self.dirpath, self.filename, self.teacher = dirpath, filename, teacher
         self.written: str | None = None
 
-    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any = None) -> None:
-        if self.teacher and getattr(pl_module, "teacher", None) is None:
+    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any = None, stage: str = "predict") -> None:
+        """A clear error, before anything is written, for teacher predictions of a run without a teacher."""
+        if stage == "predict" and self.teacher and getattr(pl_module, "teacher", None) is None:
             raise ValueError("PredictionWriter: teacher: true asks for the teacher's predictions, but this run has no "
                              "teacher (a ClassifierModule or a scratch student). Leave prediction.teacher false.")
 
@@ -56,7 +57,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any]) -> None:
-        self.check_settings(pl_module)
+        self.check_settings(pl_module, trainer.datamodule)
         names = list(getattr(trainer.datamodule, "class_names", None) or [])
         rows = []
         for outputs, indices in zip(_flat(predictions), _flat(batch_indices)):

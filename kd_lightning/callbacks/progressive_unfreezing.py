@@ -135,10 +135,11 @@ class ProgressiveUnfreezing(Callback):
             modules[path] = module
         return modules
 
-    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None) -> None:
+    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None, stage: str = "fit") -> None:
         """A clear error naming the student's modules when a stage is not one of them (the ``kd-lightning``
         command calls it before anything is written; ``setup`` again)."""
-        self._stage_modules(pl_module)
+        if stage == "fit":
+            self._stage_modules(pl_module)
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -85,9 +85,11 @@ class TeacherCache(Callback):
         self._random_views = True  # whether the training transform is random (checked by check_settings)
 
     # -- checks ---------------------------------------------------------------------------------------------------
-    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any = None) -> None:
+    def check_settings(self, pl_module: pl.LightningModule, datamodule: Any = None, stage: str = "fit") -> None:
         """A clear error for a run the cache cannot serve, before anything is built or written (the
-        ``kd-lightning`` command calls it before the trainer starts; ``setup`` again)."""
+        ``kd-lightning`` command calls it before the trainer starts; ``setup`` again). Only a fit uses the cache."""
+        if stage != "fit":
+            return
         if not isinstance(pl_module, Distiller) or pl_module.teacher is None:
             raise ValueError(f"TeacherCache caches a teacher's logits: it needs a DistillationModule with a teacher, "
                              f"got {type(pl_module).__name__}" + (" without one" if isinstance(pl_module, Distiller)

@@ -210,9 +210,11 @@ class ScalarScheduler(Callback):
             raise ValueError(f"A term's weight must stay >= 0, but {what} is {value}. Set min_value >= 0.")
 
     # -- hooks ------------------------------------------------------------------------------------------------
-    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None) -> None:
+    def check_settings(self, pl_module: "pl.LightningModule", datamodule: Any = None, stage: str = "fit") -> None:
         """A clear error, before anything is written, when ``pl_module`` has no such float to schedule, or when
         ``temperature`` names several terms of different temperatures and no ``start`` says where to begin."""
+        if stage != "fit":
+            return
         if self.attribute == "temperature" and hasattr(pl_module, "common_temperature"):
             if not pl_module.temperatures():
                 raise ValueError(f"{type(self).__name__}: {type(pl_module).__name__} has no attribute 'temperature' to "

@@ -23,6 +23,7 @@ sections (``trainer``, ``model``, ``data``, ``seed_everything``, ``ckpt_path``) 
 from __future__ import annotations
 
 import glob
+import importlib
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ from argparse import ArgumentError
 from typing import Any, Optional
 
 import torch
+from torch.nn.parameter import UninitializedParameter
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -43,7 +45,8 @@ import kd_lightning.data  # noqa: F401
 import kd_lightning.module  # noqa: F401
 from kd_lightning.callbacks.last_checkpoint import RUN_KEY, LastCheckpoint, slurm_job_id
 from kd_lightning.callbacks.prediction_writer import PredictionWriter
-from kd_lightning.checkpoints import architecture_settings, check_state_fits, is_lightning_checkpoint, read_checkpoint
+from kd_lightning.checkpoints import (NETWORK_PREFIXES, architecture_settings, check_state_fits, is_lightning_checkpoint,
+                                     read_checkpoint)
 from kd_lightning.commands.config_errors import explain
 from kd_lightning.commands.errors import INPUT_ERRORS, exit_with_error, plain_value, root_cause
 from kd_lightning.exceptions import InputError
@@ -119,7 +122,11 @@ class KDLightningCLI(LightningCLI):
                 self._resume_from = checkpoint
             except INPUT_ERRORS as err:
                 exit_with_error(err)
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:  # the checkpoint's saved hyperparameters do not fit the config's model
+            exit_with_error(f"--ckpt_path {ckpt_path!r} was written by another model than the config's: "
+                            f"{explain(str(err))} Use the config the checkpoint was trained with.")
 
     def before_instantiate_classes(self) -> None:
         """Apply the run's name, find the teacher of ``teacher_run`` and choose the log version (a resumed run
@@ -180,7 +187,8 @@ class KDLightningCLI(LightningCLI):
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}.")
         if threads is None:  # set either way: runs of a study share this process
-            small = sum(p.numel() for p in self.model.parameters()) < SMALL_NETWORKS
+            sizes = [p.numel() for p in self.model.parameters() if not isinstance(p, UninitializedParameter)]
+            small = sum(sizes) < SMALL_NETWORKS  # lazy layers (sized by the first batch) left out
             threads = 1 if small and self.trainer.strategy.root_device.type == "cpu" else DEFAULT_THREADS
         torch.set_num_threads(threads)
 
@@ -189,11 +197,10 @@ class KDLightningCLI(LightningCLI):
         input_shape = getattr(self.datamodule, "input_shape", None)
         if input_shape is not None and hasattr(self.model, "check_input_shape"):
             self.model.check_input_shape(input_shape)
-        if self.subcommand == "fit":  # callbacks check their settings against the model, without side effects
-            for callback in self.trainer.callbacks:
-                check = getattr(callback, "check_settings", None)
-                if callable(check):
-                    check(self.model, self.datamodule)
+        for callback in self.trainer.callbacks:  # settings against the model and data, without side effects
+            check = getattr(callback, "check_settings", None)
+            if callable(check):
+                check(self.model, self.datamodule, self.subcommand)
         if self._resume_from is not None:
             check_checkpoint_fits(self._resume_from, self.model, self.config[self.subcommand]["ckpt_path"])
 
@@ -256,6 +263,7 @@ def explain_trainer_error(err: Exception, config: Any) -> str:
 
 def print_summary(trainer: Any, stage: str) -> None:
     """What a finished command leaves, on rank 0: best val/acc and its step, test acc, the files, TensorBoard."""
+    log_dir = trainer.log_dir  # on every rank: Lightning broadcasts it under DDP
     if not trainer.is_global_zero or trainer.interrupted:
         return
     lines = []
@@ -272,8 +280,8 @@ def print_summary(trainer: Any, stage: str) -> None:
     writer = next((c for c in trainer.callbacks if isinstance(c, PredictionWriter) and c.written), None)
     if stage == "predict" and writer is not None:
         lines.append(f"predictions: {writer.written}")
-    if trainer.log_dir and stage != "predict":
-        lines.append(f"TensorBoard: tensorboard --logdir {os.path.dirname(trainer.log_dir.rstrip(os.sep))}")
+    if log_dir and stage != "predict":
+        lines.append(f"TensorBoard: tensorboard --logdir {os.path.dirname(log_dir.rstrip(os.sep))}")
     if lines:
         print("\n".join(f"kd-lightning: {line}" for line in lines))
 
@@ -338,6 +346,13 @@ def check_checkpoint_matches_config(checkpoint: dict[str, Any], model_config: An
     if not saved or model_config is None or not hasattr(model_config, "get"):
         return  # nothing to compare: the weights' shapes are checked once the model is built
     saved_class, config_class = saved.get("_class_path"), model_config.get("class_path")
+    if not saved_class and config_class:  # saved from Python: the weights' prefix says which module class wrote it
+        held = {k.split(".", 1)[0] for k in checkpoint["state_dict"]} & set(NETWORK_PREFIXES)
+        wanted = getattr(_import_class(config_class), "network_attr", None)
+        if wanted is not None and len(held) == 1 and held != {wanted}:
+            raise ValueError(f"--ckpt_path {path!r} holds a {NETWORK_PREFIXES[held.pop()]}, but the config trains a "
+                             f"{config_class.rsplit('.', 1)[-1]}. Resume or test with the config the checkpoint was "
+                             "trained with.")
     if saved_class and config_class and saved_class.rsplit(".", 1)[-1] != config_class.rsplit(".", 1)[-1]:
         raise ValueError(f"--ckpt_path {path!r} holds a {saved_class.rsplit('.', 1)[-1]} run, but the config trains "
                          f"a {config_class.rsplit('.', 1)[-1]} ({config_class}). Resume or test with the config the "
@@ -349,6 +364,14 @@ def check_checkpoint_matches_config(checkpoint: dict[str, Any], model_config: An
     if differ:
         raise ValueError(f"--ckpt_path {path!r} was trained with another architecture than the config asks for "
                          f"({'; '.join(differ)}). Use the model settings of the run that wrote the checkpoint.")
+
+
+def _import_class(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> None:

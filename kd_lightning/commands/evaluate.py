@@ -297,6 +297,7 @@ def _run(argv: list[str] | None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=50, help="timed forward passes per latency figure")
     parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes before them")
     cfg = parser.parse_args(argv)
+    cfg.threads = 1 if cfg.threads is None else cfg.threads  # a run's saved config.yaml says threads: null
     if cfg.teacher is None and not cfg.students:
         parser.error("give --teacher and/or --students")
     if cfg.threads < 1 or cfg.repeats < 1 or cfg.warmup < 0 or min(cfg.latency_batch_sizes) < 1:

@@ -32,7 +32,7 @@ from kd_lightning.models.loading import load_model
 # top-level sections of a LightningCLI config other than `data`: accepted so that an experiment's files (or a
 # run's saved config.yaml) can be passed as they are, and not used
 _OTHER_CONFIG_SECTIONS = ("seed_everything", "trainer", "model", "optim", "name", "teacher_run", "checkpoint",
-                          "last_checkpoint", "ckpt_path", "weights_only")
+                          "last_checkpoint", "prediction", "ckpt_path", "weights_only")  # (threads: each command's own)
 _ARCHITECTURE = re.compile(r"^\s*(?P<name>[A-Za-z_]\w*)\s*(?P<kwargs>\{.*\})?\s*$", re.DOTALL)
 
 
