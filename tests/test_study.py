@@ -363,6 +363,9 @@ def test_the_repository_studies_are_valid(tmp_path, path):
     from dataclasses import replace
 
     spec = load_study(path)
+    configs = {c for r in spec.runs for c in (*spec.base, *r.configs)}
+    if not (ROOT.parent / "shared" / "data").is_dir() and any("../shared/data" in c.read_text() for c in configs):
+        pytest.skip("the study reads ../shared/data, which this checkout does not have beside it")
     assert len(plan(spec, tmp_path / "out")) >= len(spec.runs)  # every seed plans
     for run in plan(replace(spec, seeds=spec.seeds[:1]), tmp_path / "out"):
         run.config_hash = check_and_hash(run)  # parses and builds the run, writes nothing
