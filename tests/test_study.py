@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_lightning.commands.study import run as study_module
+from kd_lightning.commands.study import jobs as study_module
 from kd_lightning.models.loading import load_model
 from kd_lightning.commands.study import main
 from kd_lightning.commands.study.plan import check_and_hash, non_default_settings, plan
@@ -57,11 +57,11 @@ class TrainCounter:
         self.stop_at = stop_at
         monkeypatch.setattr(study_module, "train_run", self)
 
-    def __call__(self, run, resume_from=None):
+    def __call__(self, run, resume_from=None, callbacks=None):
         if run.spec.name == self.stop_at:
             raise StudyStopped
         self.trained.append(run.title)
-        return TRAIN_RUN(run, resume_from)
+        return TRAIN_RUN(run, resume_from, callbacks)
 
 
 # -- aggregation ----------------------------------------------------------------------------------------------
@@ -207,13 +207,16 @@ def test_stopped_study_resumes_without_retraining_finished_runs(tmp_path, monkey
         main([str(study), "--out", str(out)])
     assert stopped.trained == ["seed 0 teacher", "seed 0 kd_student"]
     teacher_ckpt = out / "teacher" / "seed_0" / "checkpoints" / "best.ckpt"
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    finished = [out / "teacher", out / "kd_student"]
+    before = {p: p.stat().st_mtime_ns for folder in finished for p in folder.rglob("*") if p.is_file()}
     capsys.readouterr()
 
     resumed = TrainCounter(monkeypatch)
     rows = main([str(study), "--out", str(out)])
     assert resumed.trained == ["seed 0 scratch_student"]
     assert teacher_ckpt in before and all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
+    # the stopped attempt's folder (its run.log says why it stopped) is kept beside the new one, not deleted
+    assert [p.name for p in (out / "scratch_student").iterdir() if "set-aside" in p.name]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert [line.endswith("(finished before: skipped)") for line in lines] == [True, True, False]
     assert [r["run"] for r in rows] == ["teacher", "kd_student", "scratch_student"]
@@ -231,8 +234,9 @@ def test_a_study_preempted_inside_a_run_resumes_that_run_exactly(tmp_path, monke
     cli_main = kd_lightning.commands.cli.cli_main
     stop = "--trainer.callbacks+={class_path: kill_switch.KillAt, init_args: {epoch: 1, batch: 1, signal_name: SIGTERM}}"
 
-    def preempted_kd_student(args, run=True):  # only the training of the KD student (run=False: config checks)
-        return cli_main([*args, stop] if run and "--trainer.logger.init_args.name=kd_student" in args else args, run)
+    def preempted_kd_student(args, run=True, callbacks=None):  # only the KD student's training (not the checks)
+        kd = run and "--trainer.logger.init_args.name=kd_student" in args
+        return cli_main([*args, stop] if kd else args, run, callbacks)
 
     monkeypatch.setattr(kd_lightning.commands.cli, "cli_main", preempted_kd_student)
     with pytest.raises(SystemExit) as exit_status:
@@ -316,7 +320,7 @@ def test_run_hash_ignores_options_left_at_their_defaults():
     (lambda s: s["runs"]["kd_student"].update(teacher="teachr"),
      "run 'kd_student' names teacher 'teachr', which is not a run of this study (runs: teacher, kd_student,"),
     (lambda s: s.pop("seeds"), "'seeds' is required"),
-    (lambda s: s.update(sedes=[0]), "unknown key 'sedes' (known: title, base, seeds, overrides, runs, x_label)"),
+    (lambda s: s.update(sedes=[0]), "unknown key 'sedes' (known: title, base, seeds, overrides, runs, x_label, resources)"),
     (lambda s: s["runs"]["kd_student"].update(x="ten"), "run 'kd_student': 'x' must be a number (e.g. the % of labels)"),
     (lambda s: s["runs"]["teacher"].update(overides={}), "run 'teacher': unknown key 'overides'"),
     (lambda s: s["overrides"].update({"trainer.logger.init_args.save_dir": "elsewhere"}), "set by the study runner"),

@@ -381,15 +381,17 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> 
                      f"a {type(model).__name__}")
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
-    """Build the CLI (and run the subcommand); ``args`` as on the command line, e.g. for tests."""
+def cli_main(args: list[str] | None = None, run: bool = True, callbacks: list[Any] | None = None) -> KDLightningCLI:
+    """Build the CLI (and run the subcommand); ``args`` as on the command line, e.g. for tests. ``callbacks``: added
+    to the trainer's, outside the config (what a study adds to watch a run: not a setting of the run)."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
     quiet_lightning_notices()
+    defaults = {**TRAINER_DEFAULTS, **({"callbacks": list(callbacks)} if callbacks else {})}
     try:
         return KDLightningCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,
+            trainer_defaults=defaults, seed_everything_default=0, args=args, run=run,
             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
             parser_kwargs={"description": __doc__, "allow_abbrev": False},
         )

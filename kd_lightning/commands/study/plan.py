@@ -23,6 +23,9 @@ from kd_lightning.commands.study.spec import OWNED_KEYS, RunSpec, StudyError, St
 
 # Per-run chatter would bury the one progress line per run; a study may turn these back on in its overrides.
 QUIET_ARGS = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+# Where a run writes and which file its teacher is: never part of its identity, so that the same study reached by
+# another path (relative, absolute, a symlink, another working directory) is the same study.
+RUNNER_PATHS = tuple(key for key in OWNED_KEYS if key != "seed_everything")
 # Display and speed settings, left out of a run's config hash: --verbose or --threads must not make a study train again.
 DISPLAY_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "threads")
 
@@ -115,7 +118,7 @@ def check_and_hash(run: PlannedRun) -> str:
         except ValueError as err:
             raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {err}") from None
     config = cli.config.clone()
-    for key in (*DISPLAY_KEYS, *OWNED_KEYS):  # not what the run trains: where it writes, how it displays
+    for key in (*DISPLAY_KEYS, *RUNNER_PATHS):  # not what the run trains: where it writes, how it displays
         if key in config:
             config[key] = None
     resolved = yaml.safe_load(cli.parser.dump(config, skip_check=True))

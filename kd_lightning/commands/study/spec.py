@@ -12,8 +12,10 @@ from typing import Any, Sequence
 
 import yaml
 
-STUDY_KEYS = ("title", "base", "seeds", "overrides", "runs", "x_label")
-RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group", "x")
+STUDY_KEYS = ("title", "base", "seeds", "overrides", "runs", "x_label", "resources")
+RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group", "x", "resources")
+# what a SLURM job of a run asks for (kd_lightning.commands.study.slurm): study-wide, per run, --resource KEY=VALUE
+RESOURCE_KEYS = ("gpus", "cpus", "mem", "time", "partition", "account", "qos", "constraint", "sbatch", "setup")
 SEED_PLACEHOLDER = "${seed}"
 RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a folder name
 # What the runner owns (the seed, where a run writes, its teacher's checkpoint): no study may set it, and no run's
@@ -37,6 +39,7 @@ class RunSpec:
     label: str = ""
     group: str = ""
     x: float | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,30 @@ class StudySpec:
     # more seeds add students that distil from the shared teacher already trained, not a second teacher.
     once_seed: int
     x_label: str = ""
+    resources: dict[str, Any] = field(default_factory=dict)
 
     def run(self, name: str) -> RunSpec:
         return next(r for r in self.runs if r.name == name)
+
+    def run_resources(self, extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """Each run's SLURM resources: the study's, the run's, then ``extra`` (the command line's)."""
+        return {r.name: {**self.resources, **r.resources, **(extra or {})} for r in self.runs}
+
+
+def check_resources(value: Any, where: str) -> dict[str, Any]:
+    """A ``resources`` mapping whose keys are :data:`RESOURCE_KEYS`, or one clear error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StudyError(f"{where}: resources must be a mapping, e.g. {{gpus: 1, time: '04:00:00'}}; got {value!r}.")
+    unknown = [k for k in value if k not in RESOURCE_KEYS]
+    if unknown:
+        raise StudyError(f"{where}: unknown resource key {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(RESOURCE_KEYS)}).")
+    for key in ("sbatch", "setup"):
+        if key in value and not (isinstance(value[key], list) and all(isinstance(v, str) for v in value[key])):
+            raise StudyError(f"{where}: resources.{key} must be a list of strings, got {value[key]!r}.")
+    return dict(value)
 
 
 # -- reading a study ----------------------------------------------------------------------------------------
@@ -126,11 +150,13 @@ def parse_study(data: Any, path: Path) -> StudySpec:
         runs.append(RunSpec(name=name, configs=_config_paths(run.get("configs", []), run_where, folder),
                             overrides=_overrides(run.get("overrides"), f"{run_where}: overrides"),
                             teacher=teacher, once=run.get("once", False), label=str(run.get("label", "")),
-                            group=str(run.get("group", "")), x=None if x is None else float(x)))
+                            group=str(run.get("group", "")), x=None if x is None else float(x),
+                            resources=check_resources(run.get("resources"), run_where)))
     return StudySpec(path=path, title=str(data.get("title") or path.stem), seeds=tuple(seeds),
                      once_seed=seeds[0], base=_config_paths(data.get("base", []), f"{where}: base", folder),
                      overrides=_overrides(data.get("overrides"), f"{where}: overrides"), runs=tuple(runs),
-                     x_label=str(data.get("x_label") or "x"))
+                     x_label=str(data.get("x_label") or "x"),
+                     resources=check_resources(data.get("resources"), where))
 
 
 def load_study(path: str | Path) -> StudySpec:

@@ -1,0 +1,80 @@
+"""``kd-lightning study STUDY.yaml --status``: where every run x seed stands, read from the study folder alone (its
+runs' ``run.json``, ``status.json``, ``failed.json`` and ``job.json``), so it works on a login node while jobs run.
+
+States: ``done`` (test acc), ``running`` (step / max, val acc, ETA), ``queued`` (launched, not started),
+``failed`` (the last error line, the log's path), ``blocked`` (its teacher failed or is blocked), ``stopped`` (it
+trained, and stopped: the next start resumes it) and ``not started``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from kd_lightning.commands.study.jobs import FAILED_FILE, JOB_FILE, LOG_FILE, RUN_FILE, STATUS_FILE, read_json
+from kd_lightning.commands.study.plan import PlannedRun
+from kd_lightning.commands.study.report import RunResult
+
+STALE_S = 900  # a running run that wrote no progress for this long is reported as stopped
+
+
+@dataclass
+class RunState:
+    run: PlannedRun
+    state: str
+    detail: str = ""
+    result: RunResult | None = None
+
+
+def run_state(run: PlannedRun, teacher: RunState | None, now: float | None = None) -> RunState:
+    now = time.time() if now is None else now
+    job = read_json(run.folder / JOB_FILE) or {}
+    record = read_json(run.folder / RUN_FILE)
+    if record is not None and record.get("config_hash") == job.get("config_hash", record.get("config_hash")):
+        result = RunResult.from_dict(record["results"])
+        return RunState(run, "done", f"test acc {100 * result.test_acc_best:.1f}% (best) / "
+                                     f"{100 * result.test_acc_last:.1f}% (last)", result)
+    failed = read_json(run.folder / FAILED_FILE)
+    if failed is not None:
+        return RunState(run, "failed", f"{failed.get('error', '')} (log: {failed.get('log', run.folder / LOG_FILE)})")
+    if teacher is not None and teacher.state in ("failed", "blocked"):
+        return RunState(run, "blocked", f"its teacher ({teacher.run.title}) {teacher.state}")
+    status = read_json(run.folder / STATUS_FILE)
+    if status is not None and status.get("state") in ("running", "testing"):
+        if now - float(status.get("updated_at", 0)) > STALE_S:
+            return RunState(run, "stopped", f"at step {status.get('step')} (no progress for "
+                                            f"{(now - float(status.get('updated_at', 0))) / 60:.0f} min)")
+        detail = f"step {status.get('step')}/{status.get('max_steps') or '?'}"
+        if status.get("val_acc") is not None:
+            detail += f", val acc {100 * status['val_acc']:.1f}%"
+        detail += ", testing" if status["state"] == "testing" else (
+            f", ETA {status['eta_s'] / 60:.1f} min" if status.get("eta_s") is not None else "")
+        where = f"SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else f"{status.get('host')}"
+        return RunState(run, "running", f"{detail} ({where})")
+    if job:
+        where = f"SLURM job {job['slurm_job_id']}" if job.get("slurm_job_id") else job.get("launcher", "")
+        if (run.folder / "checkpoints" / "last.ckpt").is_file():
+            return RunState(run, "stopped", f"resumable from its last.ckpt ({where})")
+        return RunState(run, "queued", where)
+    return RunState(run, "not started")
+
+
+def study_states(planned: Sequence[PlannedRun]) -> list[RunState]:
+    states: dict[str, RunState] = {}
+    for run in planned:  # in training order: a teacher's state is known before its students'
+        states[run.title] = run_state(run, states.get(run.teacher.title) if run.teacher is not None else None)
+    return list(states.values())
+
+
+def status_table(states: Sequence[RunState]) -> str:
+    width = max(len(s.run.title) for s in states)
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    lines = [f"{s.run.title:<{width}}  {s.state:<11}  {s.detail}".rstrip() for s in states]
+    lines.append(", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(states)})")
+    return "\n".join(lines)
+
+
+__all__ = ["RunState", "run_state", "status_table", "study_states"]
