@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -42,3 +43,11 @@ def plain_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain_value(v) for v in value]
     return value
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown option, a bad choice) as the one error line of every command instead
+    of the usage text and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with_error(f"{self.prog}: {message} (see {self.prog} --help)")

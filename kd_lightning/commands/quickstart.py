@@ -21,10 +21,12 @@ started again skips the runs it has already finished.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
+import argparse
+
+from kd_lightning.commands.errors import OneLineArgumentParser
 from kd_lightning.commands.study import add_study_options, run_from_options
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -33,7 +35,7 @@ DEFAULT_OUT = {"all": "logs/quickstart", "same": "logs/quickstart_same_labels"}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="kd-lightning quickstart", description=__doc__,
+    parser = OneLineArgumentParser(prog="kd-lightning quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-labels", choices=list(STUDIES), default="all",
                         help="teacher trained on all labels (default), or on the 10%% block's labelled rows only")

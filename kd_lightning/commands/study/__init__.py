@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from kd_lightning.commands.errors import exit_with_error
+from kd_lightning.commands.errors import OneLineArgumentParser, exit_with_error
 from kd_lightning.commands.study.jobs import quiet_lightning
 from kd_lightning.commands.study.launchers import LAUNCHERS, Launcher, LocalLauncher, SerialLauncher
 from kd_lightning.commands.study.plan import plan
@@ -176,7 +176,7 @@ def run_from_options(study_file: str | Path, options: argparse.Namespace, defaul
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="kd-lightning study", description=__doc__,
+    parser = OneLineArgumentParser(prog="kd-lightning study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="the study YAML, e.g. experiments/digits/study.yaml")
     add_study_options(parser, default_out="logs/<the study's folder>/<its name>, e.g. logs/digits/study")

@@ -40,6 +40,7 @@ from kd_lightning.measure import network_cost
 
 JOB_FILE, STATUS_FILE, FAILED_FILE, LOG_FILE, RUN_FILE, STARTED_FILE = (
     "job.json", "status.json", "failed.json", "run.log", "run.json", "started.json")
+LAUNCH = (JOB_FILE, "slurm")  # what the launch that runs the job now put in its folder (submitit's files)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -104,8 +105,8 @@ def interrupted_checkpoint(run: PlannedRun) -> Path | None:
 
 def set_aside(folder: Path) -> Path | None:
     """Move a folder that holds another run out of the way, under a name that says so, and return where; None when
-    there was nothing to keep (no folder, or only this launch's job.json)."""
-    if not folder.is_dir() or not [p for p in folder.iterdir() if p.name != JOB_FILE]:
+    there was nothing to keep (no folder, or only what this launch put there: job.json, submitit's files)."""
+    if not folder.is_dir() or not [p for p in folder.iterdir() if p.name not in LAUNCH]:
         return None
     record = read_json(folder / RUN_FILE) or read_json(folder / STARTED_FILE) or {}
     tag = str(record.get("config_hash", ""))[:8] or time.strftime("%Y%m%d-%H%M%S")
@@ -113,11 +114,10 @@ def set_aside(folder: Path) -> Path | None:
     while target.exists():
         n += 1
         target = folder.with_name(f"{folder.name}.set-aside-{tag}-{n}")
-    job = read_json(folder / JOB_FILE)
-    os.replace(folder, target)
-    folder.mkdir(parents=True)
-    if job is not None:  # this launch's job file stays with this launch
-        os.replace(target / JOB_FILE, folder / JOB_FILE)
+    target.mkdir()
+    for item in folder.iterdir():
+        if item.name not in LAUNCH:  # this launch's files stay with this launch
+            os.replace(item, target / item.name)
     return target
 
 
