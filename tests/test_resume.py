@@ -13,9 +13,10 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from in_process import run_cli
+from in_process import fork_cli, run_cli
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -26,7 +27,11 @@ DIGITS = ROOT / "experiments" / "digits"
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and fork as on a Linux cluster")
 
 
-def fit(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def fit(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> Any:
+    """``kd-lightning fit ARGS`` as its own process: forked from this one (it starts in milliseconds), or, for DDP,
+    whose launcher starts the other ranks by running the command line again, a new Python process."""
+    if "--trainer.strategy=ddp" not in args:
+        return fork_cli(cwd, "fit", *args, env=env, timeout=timeout)
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
                 **(env or {})}
     return subprocess.run([sys.executable, "-m", "kd_lightning", "fit", *args], cwd=cwd, env=full_env,
