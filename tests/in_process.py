@@ -58,10 +58,13 @@ def fork_cli(cwd: str | Path, *args: str, env: dict[str, str] | None = None, tim
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
-                for name in ("", "lightning.pytorch", "lightning.fabric"):  # log lines to the child's stderr too
-                    for handler in logging.getLogger(name).handlers:
-                        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                            handler.setStream(sys.stderr)
+                # logging as a new process has it (earlier tests may have changed levels and handlers)
+                logging.getLogger().handlers = []
+                for name in ("lightning.pytorch", "lightning.fabric"):
+                    lightning_logger = logging.getLogger(name)
+                    lightning_logger.setLevel(logging.INFO)
+                    lightning_logger.handlers = [logging.StreamHandler(sys.stderr)]
+                    lightning_logger.propagate = False
                 os.chdir(cwd)
                 os.environ.update(env or {})
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
