@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -286,16 +287,50 @@ def quiet_lightning() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """A job launched as its own process: ``python -m kd_lightning.commands.study.jobs <job.json>``; exit status
-    0 when it finished, 143 when it was stopped (resumable), 1 when it failed (``failed.json`` says why)."""
-    args = sys.argv[1:] if argv is None else argv
-    record = read_json(Path(args[0]))
+def run_job_file(job_file: str | Path) -> tuple[RunResult, str]:
+    """The job of ``job_file`` (``job.json``), as every launcher runs it."""
+    record = read_json(Path(job_file))
     if record is None:
-        raise SystemExit(f"kd-lightning: error: {args[0]} is not a job file of a study.")
-    run = from_record(record)
+        raise StudyError(f"{job_file} is not a job file of a study.")
     with quiet_lightning():
-        result, how = execute(run, retrain=bool(record.get("retrain")))
+        return execute(from_record(record), retrain=bool(record.get("retrain")))
+
+
+def worker(requests: Any, replies: Any) -> None:
+    """A local worker process: runs the job files it reads, one per line, one after another in this process (torch
+    and Lightning imported once), and answers each with ``<job file>\t<status>`` (0: finished, 1: failed; a stop
+    (SIGTERM, Ctrl-C) answers 143 and ends the worker, the job resumable)."""
+    for line in requests:
+        job_file = line.strip()
+        if not job_file:
+            continue
+        try:
+            run_job_file(job_file)
+            status = 0
+        except (KeyboardInterrupt, SystemExit) as err:
+            replies.write(f"{job_file}\t{143 if isinstance(err, KeyboardInterrupt) else err.code}\n")
+            replies.flush()
+            raise
+        except Exception:  # noqa: BLE001 - failed.json and run.log say why; the worker takes the next job
+            status = 1
+        replies.write(f"{job_file}\t{status}\n")
+        replies.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kd_lightning.commands.study.jobs <job.json>``: one job as its own process (exit status 0 when it
+    finished, 143 when it was stopped, 1 when it failed); ``--worker``: a local launcher's worker (:func:`worker`)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--worker"]:
+        replies = os.fdopen(os.dup(1), "w")  # the launcher's channel; the jobs' own output goes to their run.log
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+        worker(sys.stdin, replies)
+        return
+    result, how = run_job_file(args[0])
+    run = from_record(read_json(Path(args[0])) or {})
     print(f"{run.title}: test acc {100 * result.test_acc_best:.1f}% (best) / {100 * result.test_acc_last:.1f}% "
           f"(last), {how}")
 

@@ -7,6 +7,7 @@ whose teacher failed is blocked, not started.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -103,9 +104,10 @@ class SerialLauncher(Launcher):
 
 
 class LocalLauncher(Launcher):
-    """Up to ``jobs`` jobs at once, each its own process (``python -m kd_lightning.commands.study.jobs``) with its
-    share of the CPU threads; a student starts when its teacher has finished; a job whose teacher failed is
-    blocked. Each job's output goes to its run.log."""
+    """Up to ``jobs`` jobs at once, in as many worker processes (``python -m kd_lightning.commands.study.jobs
+    --worker``: each imports torch once and runs the jobs it is given one after another), each with its share of
+    the CPU threads; a student starts when its teacher has finished; a job whose teacher failed is blocked. Each
+    job's output goes to its run.log."""
 
     def __init__(self, jobs: int, threads: int | None = None, poll_s: float = 0.5) -> None:
         if jobs < 1:
@@ -113,60 +115,72 @@ class LocalLauncher(Launcher):
         self.jobs, self.poll_s = jobs, poll_s
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 
-    def _start(self, run: PlannedRun, retrain: bool) -> subprocess.Popen:
+    def _worker(self) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        return subprocess.Popen([sys.executable, "-m", "kd_lightning.commands.study.jobs", "--worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+                                start_new_session=True)
+
+    def _job_file(self, run: PlannedRun, retrain: bool) -> str:
         args = run.args if any(a.startswith("--threads=") for a in run.args) else [*run.args,
                                                                                     f"--threads={self.threads}"]
-        job_file = write_job(PlannedRun(run.spec, run.seed, run.folder, args, run.teacher, run.config_hash),
-                             launcher="local", retrain=retrain)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
-        with open(run.folder / LOG_FILE, "a") as out:
-            return subprocess.Popen([sys.executable, "-m", "kd_lightning.commands.study.jobs", str(job_file)],
-                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return str(write_job(PlannedRun(run.spec, run.seed, run.folder, args, run.teacher, run.config_hash),
+                             launcher="local", retrain=retrain))
 
     def run(self, planned: Sequence[PlannedRun], log: Log, retrain: set[str]) -> list[RunResult]:
         start = time.perf_counter()
-        pending, running = list(planned), {}
+        pending, idle, busy = list(planned), [], {}  # busy: worker -> the run it trains
         done: dict[str, RunResult] = {}
         failed: dict[str, str] = {}  # title -> why (failed, or blocked by its teacher)
+
+        def elapsed() -> str:
+            return f"[{time.perf_counter() - start:6.1f}s]"
+
         try:
-            with ProgressPrinter(log, lambda: progress_line([r for r, _ in running.values()], len(done),
-                                                            len(planned), start)):
-                while pending or running:
+            with ProgressPrinter(log, lambda: progress_line(list(busy.values()), len(done), len(planned), start)):
+                while pending or busy:
                     for run in list(pending):
                         teacher = run.teacher.title if run.teacher is not None else None
                         if teacher in failed:
                             pending.remove(run)
                             failed[run.title] = f"blocked: its teacher ({teacher}) did not finish"
-                            log(f"[{time.perf_counter() - start:6.1f}s] {run.title}: {failed[run.title]}")
+                            log(f"{elapsed()} {run.title}: {failed[run.title]}")
                         elif teacher is None or teacher in done:
                             previous = None if run.spec.name in retrain else finished_result(run)
                             if previous is not None:
                                 pending.remove(run)
                                 done[run.title] = previous
                                 log(result_line(run, previous, "finished before", start))
-                            elif len(running) < self.jobs:
+                            elif len(busy) < self.jobs:
                                 pending.remove(run)
-                                running[run.title] = (run, self._start(run, run.spec.name in retrain))
-                    for title, (run, process) in list(running.items()):
-                        code = process.poll()
-                        if code is None:
-                            continue
-                        del running[title]
-                        result = finished_result(run) if code == 0 else None
+                                process = idle.pop() if idle else self._worker()
+                                process.stdin.write(self._job_file(run, run.spec.name in retrain) + "\n")
+                                busy[process] = run
+                    ready, _, _ = select.select([p.stdout for p in busy], [], [], self.poll_s) if busy else ([], 0, 0)
+                    for process in [p for p in busy if p.stdout in ready]:
+                        run = busy.pop(process)
+                        reply = process.stdout.readline()
+                        status = reply.rstrip("\n").rpartition("\t")[2] if reply else str(process.wait())
+                        result = finished_result(run) if status == "0" else None
                         if result is not None:
-                            done[title] = result
+                            done[run.title] = result
                             log(result_line(run, result, "trained", start))
                         else:
-                            why = (read_json(run.folder / FAILED_FILE) or {}).get("error") or f"exit status {code}"
-                            failed[title] = f"failed: {why} (log: {run.folder / LOG_FILE})"
-                            log(f"[{time.perf_counter() - start:6.1f}s] {title}: {failed[title]}")
-                    time.sleep(self.poll_s)
+                            why = (read_json(run.folder / FAILED_FILE) or {}).get("error") or f"exit status {status}"
+                            failed[run.title] = f"failed: {why} (log: {run.folder / LOG_FILE})"
+                            log(f"{elapsed()} {run.title}: {failed[run.title]}")
+                        if reply and status in ("0", "1"):
+                            idle.append(process)  # the worker takes the next job
         except BaseException:  # Ctrl-C, SIGTERM: the jobs stop too, each saving its last.ckpt
-            for _, process in running.values():
+            for process in busy:
                 process.send_signal(signal.SIGTERM)
-            for _, process in running.values():
+            for process in busy:
                 process.wait()
             raise
+        finally:
+            for process in idle:
+                process.stdin.close()
+                process.wait()
         if failed:
             raise StudyError(f"{len(failed)} of {len(planned)} runs did not finish: "
                              + "; ".join(f"{t}: {w}" for t, w in failed.items())
