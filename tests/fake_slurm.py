@@ -1,6 +1,7 @@
 """Stand-ins for SLURM's ``sbatch``, ``srun``, ``sacct``, ``squeue``, ``scancel`` and ``scontrol`` that run the
 submitted scripts on this machine: each job in the background, after its ``afterok`` dependencies completed (a
-dependency that failed cancels it, as SLURM's DependencyNeverSatisfied), with SLURM's job environment variables.
+dependency that failed cancels it, as SLURM's DependencyNeverSatisfied), with SLURM's job environment variables;
+``scontrol requeue`` stops a job with SIGTERM and runs its script again (``SLURM_RESTART_COUNT`` + 1).
 Enough for submitit and kd_lightning's SLURM launcher in tests.
 
 State lives in ``$FAKE_SLURM_DIR``: ``jobs/<id>.json`` ({state, script, dependencies, pid, exit}) and the id
@@ -73,16 +74,29 @@ def _run(job: str) -> None:
         time.sleep(0.2)
     time.sleep(1.0)  # submitit moves its pickle into place after sbatch returned
     name = re.search(r"^#SBATCH --job-name=(\S+)", record["text"], re.M)
-    env = {**os.environ, "SLURM_JOB_ID": job, "SLURM_JOBID": job, "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
-           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "1", "SLURM_RESTART_COUNT": "0",
-           "SLURM_JOB_NAME": name.group(1) if name else "job"}
-    process = subprocess.Popen(["bash", record["script"]], env=env, start_new_session=True)
-    save(job, {**load(job), "state": "RUNNING", "pid": process.pid})
-    code = process.wait()
-    record = load(job)
+    for restart in range(10):  # a requeued job (scontrol requeue) runs its script again, as the same job
+        env = {**os.environ, "SLURM_JOB_ID": job, "SLURM_JOBID": job, "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+               "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "1", "SLURM_RESTART_COUNT": str(restart),
+               "SLURM_JOB_NAME": name.group(1) if name else "job"}
+        process = subprocess.Popen(["bash", record["script"]], env=env, start_new_session=True)
+        save(job, {**load(job), "state": "RUNNING", "pid": process.pid, "restarts": restart})
+        code = process.wait()
+        while _alive(process.pid):  # SLURM ends a job when all its processes have ended
+            time.sleep(0.1)
+        record = load(job)
+        if record["state"] != "REQUEUED":
+            break
     if record["state"] != "CANCELLED":
         save(job, {**record, "state": "COMPLETED" if code == 0 else "FAILED", "exit": code})
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def srun(args: list[str]) -> None:
@@ -108,6 +122,16 @@ def sacct(args: list[str]) -> None:
             print(f"{job}|{load(job)['state']}|localhost")
 
 
+def scontrol(args: list[str]) -> None:
+    """``scontrol requeue <id>``: SIGTERM to the job's processes, then its script runs again (``_run``)."""
+    if args[:1] == ["requeue"]:
+        job = args[1]
+        record = load(job)
+        save(job, {**record, "state": "REQUEUED"})
+        if record.get("pid"):
+            os.killpg(record["pid"], signal.SIGTERM)
+
+
 def scancel(args: list[str]) -> None:
     for job in [a for a in args if a.isdigit()]:
         record = load(job)
@@ -119,4 +143,4 @@ def scancel(args: list[str]) -> None:
 if __name__ == "__main__":
     command, rest = sys.argv[1], sys.argv[2:]
     {"sbatch": sbatch, "_run": lambda a: _run(a[0]), "srun": srun, "sacct": sacct, "scancel": scancel,
-     "squeue": lambda a: print("JOBID"), "scontrol": lambda a: None}[command](rest)
+     "squeue": lambda a: print("JOBID"), "scontrol": scontrol}[command](rest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
@@ -48,8 +49,8 @@ def test_lightning_cli_reads_the_checkpoint_in_parse_ckpt_path():
 
 def test_fit_loop_internals_the_module_and_the_kl_logger_read(tmp_path):
     """kd_lightning/optim.py (OptimizerRecipe, cosine warm-up under max_epochs=-1): ``fit_loop.setup_data``
-    loads the training loader early; kd_lightning/callbacks/kl_divergence_logger.py (_step):
-    ``fit_loop.epoch_loop._batches_that_stepped`` is the step axis of Lightning's own logged metrics."""
+    loads the training loader early; kd_lightning/log_steps.py (logging_step, read by the module's logging and the
+    KL logger): ``fit_loop.epoch_loop._batches_that_stepped`` is the step axis of Lightning's own logged metrics."""
     seen = []
 
     class Probe(L.Callback):
@@ -68,3 +69,26 @@ def test_fit_loop_internals_the_module_and_the_kl_logger_read(tmp_path):
     # this one (0, 1, ...) while global_step already counts this batch's optimizer step (1, 2, ...).
     assert seen == [(i - 1, i) for i in range(1, 6)]
     assert KLDivergenceLogger._step(trainer) == 5
+
+
+def test_submitit_renders_an_sbatch_script_without_submitting(tmp_path):
+    """kd_lightning/commands/study/slurm.py (SlurmLauncher._print_script, ``--dry-run``): submitit's only way to
+    render a job's sbatch script without submitting it is ``submitit.slurm.slurm._make_sbatch_string``."""
+    pytest.importorskip("submitit")
+    from submitit.slurm import slurm
+
+    from kd_lightning.commands.study.slurm import sbatch_parameters
+
+    render = getattr(slurm, "_make_sbatch_string", None)
+    assert callable(render), ("submitit removed submitit.slurm.slurm._make_sbatch_string: mend "
+                              "SlurmLauncher._print_script (kd_lightning/commands/study/slurm.py)")
+    params = sbatch_parameters({"gpus": 2, "cpus": 8, "mem": "32G", "time": "01:30:00", "partition": "gpu",
+                                "sbatch": ["--mail-type=END"], "setup": ["source .venv/bin/activate"]}, "kd-seed0")
+    params["dependency"] = "afterok:123"
+    script = render(command="python -m submitit.core._submit x", folder=tmp_path, **params)
+    for line in ("#SBATCH --job-name=kd-seed0", "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G", "#SBATCH --time=90", "#SBATCH --partition=gpu",
+                 "#SBATCH --dependency=afterok:123", "#SBATCH --requeue", "#SBATCH --mail-type=END",
+                 "#SBATCH --signal=USR1@120", "source .venv/bin/activate"):
+        assert line in script, line
+    assert "USR2" not in script  # submitit's own requeue signal, replaced by Lightning's

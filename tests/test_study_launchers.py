@@ -202,12 +202,15 @@ def fake_slurm(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_slurm_jobs_carry_resources_and_dependencies_and_a_killed_job_resumes(tmp_path, capsys, fake_slurm,
+def test_slurm_jobs_carry_resources_and_dependencies_and_requeued_or_killed_jobs_resume(tmp_path, capsys, fake_slurm,
                                                                              tests_on_pythonpath):
-    marker = tmp_path / "killed_once"
+    marker, signalled = tmp_path / "killed_once", tmp_path / "signalled_once"
     kill = {"trainer.callbacks+": {"class_path": KILL, "init_args": {
         "epoch": 1, "batch": 1, "signal_name": "SIGKILL", "once_marker": str(marker)}}}
-    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")]},
+    # what SLURM sends --signal's lead time before the time limit: Lightning requeues the job, which resumes
+    requeue = {"trainer.callbacks+": {"class_path": KILL, "init_args": {
+        "epoch": 1, "batch": 2, "signal_name": "SIGUSR1", "once_marker": str(signalled)}}}
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")], "overrides": requeue},
             "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher", "overrides": kill,
                            "resources": {"cpus": 2, "time": "00:20:00"}}}
     study = write_study(tmp_path / "study.yaml", runs=runs, resources={"partition": "debug", "mem": "4G"})
@@ -219,12 +222,17 @@ def test_slurm_jobs_carry_resources_and_dependencies_and_a_killed_job_resumes(tm
 
     with pytest.raises(SystemExit) as exit_status:  # the student's job is killed mid-run (SIGKILL, once)
         main([str(study), "--out", str(out), "--launcher", "slurm", "--wait", "--resource", "account=kd"])
-    assert exit_status.value.code == 2 and marker.exists()
+    assert exit_status.value.code == 2 and marker.exists() and signalled.exists()
     teacher_job = json.loads((out / "teacher/seed_0/job.json").read_text())
+    slurm_record = json.loads((tmp_path / "slurm_state" / "jobs" / f"{teacher_job['slurm_job_id']}.json").read_text())
+    assert slurm_record["restarts"] == 1 and slurm_record["state"] == "COMPLETED"  # requeued once, then finished
+    teacher_args = json.loads((out / "teacher/seed_0/run.json").read_text())["args"]
+    assert any(a.startswith("--ckpt_path=") for a in teacher_args)  # the requeued job resumed, not restarted
     student_job = json.loads((out / "kd_student/seed_0/job.json").read_text())
     scripts = {run: next((out / run / "seed_0" / "slurm").glob("*_submission.sh")).read_text()
                for run in ("teacher", "kd_student")}
-    for line in ("#SBATCH --partition=debug", "#SBATCH --mem=4G", "#SBATCH --account=kd", "#SBATCH --requeue"):
+    for line in ("#SBATCH --partition=debug", "#SBATCH --mem=4G", "#SBATCH --account=kd", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR1@120"):
         assert line in scripts["teacher"] and line in scripts["kd_student"]
     assert "#SBATCH --cpus-per-task=2" in scripts["kd_student"] and "#SBATCH --time=20" in scripts["kd_student"]
     assert f"#SBATCH --dependency=afterok:{teacher_job['slurm_job_id']}" in scripts["kd_student"]
@@ -241,9 +249,10 @@ def test_slurm_jobs_carry_resources_and_dependencies_and_a_killed_job_resumes(tm
     reference = write_study(tmp_path / "reference.yaml", runs={k: {kk: vv for kk, vv in v.items() if kk != "overrides"}
                                                               for k, v in runs.items()})
     main([str(reference), "--out", str(tmp_path / "reference")])
-    same = weights(tmp_path / "reference" / "kd_student" / "seed_0", "last.ckpt")
-    resumed = weights(out / "kd_student" / "seed_0", "last.ckpt")
-    assert all(torch.equal(v, resumed[k]) for k, v in same.items())  # resumed exactly where it was killed
+    for run in ("teacher", "kd_student"):  # requeued, or killed and started again: resumed exactly
+        same = weights(tmp_path / "reference" / run / "seed_0", "last.ckpt")
+        resumed = weights(out / run / "seed_0", "last.ckpt")
+        assert all(torch.equal(v, resumed[k]) for k, v in same.items()), run
 
 
 def test_bad_launcher_input_is_one_line_before_anything_is_submitted(tmp_path, capsys, monkeypatch):

@@ -27,6 +27,7 @@ from kd_lightning.commands.study.plan import PlannedRun
 from kd_lightning.commands.study.report import RunResult
 from kd_lightning.commands.study.spec import RESOURCE_KEYS, StudyError
 
+SIGNAL_LEAD_S = 120  # SLURM signals a job this long before its time limit
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                  "CONFIGURING", "COMPLETING")
 
@@ -61,7 +62,8 @@ def minutes(value: Any) -> int:
 def sbatch_parameters(resources: Mapping[str, Any], name: str) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters for ``resources`` (checked keys: :data:`RESOURCE_KEYS`)."""
     gpus = int(resources.get("gpus", 0) or 0)
-    params: dict[str, Any] = {"job_name": name, "nodes": 1, "ntasks_per_node": max(1, gpus), "signal_delay_s": 120}
+    params: dict[str, Any] = {"job_name": name, "nodes": 1, "ntasks_per_node": max(1, gpus),
+                              "signal_delay_s": SIGNAL_LEAD_S}
     if gpus:
         params["gpus_per_node"] = gpus
     for key in ("cpus", "partition", "account", "qos", "constraint"):
@@ -73,7 +75,9 @@ def sbatch_parameters(resources: Mapping[str, Any], name: str) -> dict[str, Any]
         params["time"] = minutes(resources.get("time", 60))
     except ValueError:
         raise StudyError(f"resources: time must be minutes or HH:MM:SS, got {resources.get('time')!r}.") from None
-    extra: dict[str, Any] = {"requeue": True}
+    # submitit's own signal (USR2) asks *it* to requeue, which fails a timed-out job whose function is not
+    # checkpointable; USR1 is Lightning's requeue signal: it requeues, and LastCheckpoint saves at the next step.
+    extra: dict[str, Any] = {"requeue": True, "signal": f"USR1@{SIGNAL_LEAD_S}"}
     for line in resources.get("sbatch") or []:
         key, _, value = str(line).lstrip("-").partition("=")
         extra[key.replace("-", "_")] = value or True
