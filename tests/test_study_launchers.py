@@ -16,6 +16,8 @@ from test_study import DIGITS, TrainCounter, write_study
 
 from kd_lightning.commands.study import main
 from kd_lightning.commands.study.jobs import FAILED_FILE, JOB_FILE, STATUS_FILE, write_json
+from kd_lightning.commands.study.plan import check_and_hash, plan
+from kd_lightning.commands.study.spec import load_study
 
 TESTS = Path(__file__).resolve().parent
 KILL = "kill_switch.KillAt"
@@ -279,3 +281,26 @@ def test_bad_launcher_input_is_one_line_before_anything_is_submitted(tmp_path, c
         main([str(study), "--out", str(tmp_path / "out"), "--launcher", "slurm", "--dry-run"])
     assert "unknown resource key 'walltime'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks submitting GPU jobs from a machine without a GPU")
+def test_gpu_jobs_are_checked_and_submitted_from_a_login_node_without_a_gpu(tmp_path, capsys):
+    """A cluster's login node has no GPU: every run is still parsed and built (its trainer on the CPU) before
+    anything is submitted, and its identity is the GPU run's; training here fails in one line instead."""
+    pytest.importorskip("submitit")
+    gpu = {"trainer.accelerator": "gpu", "trainer.devices": 2, "trainer.strategy": "ddp",
+           "trainer.precision": "16-mixed"}
+    study = write_study(tmp_path / "study.yaml", overrides=gpu, resources={"gpus": 2})
+    main([str(study), "--out", str(tmp_path / "out"), "--launcher", "slurm", "--dry-run"])
+    dry = capsys.readouterr().out
+    assert dry.count("#SBATCH --gpus-per-node=2") == 3 and "#SBATCH --ntasks-per-node=2" in dry
+    with pytest.raises(SystemExit) as exit_status:
+        main([str(study), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_status.value.code == 2 and len(err) == 1 and "GPU" in err[0], err
+    assert not (tmp_path / "out").exists()
+    # the check's CPU trainer is not part of a run's identity; the hardware it asks for is
+    cpu_run = plan(load_study(write_study(tmp_path / "cpu.yaml")), tmp_path / "out")[0]
+    gpu_run = plan(load_study(study), tmp_path / "out")[0]
+    assert check_and_hash(cpu_run, trains_here=False) == check_and_hash(cpu_run, trains_here=True)
+    assert check_and_hash(gpu_run, trains_here=False) != check_and_hash(cpu_run)

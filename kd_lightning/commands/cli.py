@@ -64,6 +64,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The trainer settings that name hardware, and values that build on any machine (for checking runs only)
+CPU_TRAINER = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"}
+
+
 class KDLightningCLI(LightningCLI):
     """LightningCLI with kd_lightning's sections and defaults (see the module docstring), resuming into the same
     log version, SLURM requeue, and model, data and checkpoint checks before anything is written."""
@@ -168,7 +172,17 @@ class KDLightningCLI(LightningCLI):
                 config.trainer.default_root_dir = os.path.join(logger.get("save_dir") or ".",
                                                                logger.get("name") or "", _version_folder(version))
 
+    def __init__(self, *args: Any, trainer_on_cpu: bool = False, **kwargs: Any) -> None:
+        # trainer_on_cpu: build the trainer on the CPU, the config keeping its hardware settings: to check runs
+        # that will train elsewhere (SLURM jobs, submitted from a login node without their GPUs)
+        self._trainer_on_cpu = trainer_on_cpu
+        super().__init__(*args, **kwargs)
+
     def instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        hardware = {key: config.trainer.get(key) for key in CPU_TRAINER} if self._trainer_on_cpu else {}
+        for key, value in CPU_TRAINER.items() if hardware else ():
+            config.trainer[key] = value
         # jsonargparse wraps a constructor's error in a long union-validation report: show just the cause.
         try:
             super().instantiate_classes()
@@ -180,6 +194,9 @@ class KDLightningCLI(LightningCLI):
             if isinstance(cause, INPUT_ERRORS) and cause is not err:
                 exit_with_error(cause)
             raise
+        finally:
+            for key, value in hardware.items():  # the run's identity is the config's, not the check's
+                config.trainer[key] = value
 
     def _choose_threads(self) -> None:
         """``threads`` as given, else one thread for small networks on a CPU (more only synchronise)."""
@@ -381,9 +398,12 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], model: Any, path: str) -> 
                      f"a {type(model).__name__}")
 
 
-def cli_main(args: list[str] | None = None, run: bool = True, callbacks: list[Any] | None = None) -> KDLightningCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, callbacks: list[Any] | None = None,
+             trainer_on_cpu: bool = False) -> KDLightningCLI:
     """Build the CLI (and run the subcommand); ``args`` as on the command line, e.g. for tests. ``callbacks``: added
-    to the trainer's, outside the config (what a study adds to watch a run: not a setting of the run)."""
+    to the trainer's, outside the config (what a study adds to watch a run: not a setting of the run).
+    ``trainer_on_cpu`` (with ``run=False``): build the trainer on the CPU whatever the config's hardware, to check a
+    run that will train on another machine; ``cli.config`` keeps the config's hardware settings."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
     quiet_lightning_notices()
@@ -391,7 +411,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, callbacks: list[An
     try:
         return KDLightningCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=defaults, seed_everything_default=0, args=args, run=run,
+            trainer_defaults=defaults, seed_everything_default=0, args=args, run=run, trainer_on_cpu=trainer_on_cpu,
             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
             parser_kwargs={"description": __doc__, "allow_abbrev": False},
         )

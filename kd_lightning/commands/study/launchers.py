@@ -79,6 +79,8 @@ class ProgressPrinter:
 class Launcher:
     """Runs the planned jobs; returns every run's results, or None when they run on elsewhere (SLURM)."""
 
+    trains_here = True  # False: jobs train on other machines (their hardware is checked there, not here)
+
     def check(self) -> None:
         """Refuse, before anything is planned or submitted, what cannot work here (one clear line)."""
 

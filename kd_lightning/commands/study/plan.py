@@ -94,10 +94,12 @@ def _cli_error(stderr: str) -> str:
     return condense(stderr[at + len("error: "):] if at >= 0 else stderr) or "the configuration was rejected"
 
 
-def check_and_hash(run: PlannedRun) -> str:
+def check_and_hash(run: PlannedRun, trains_here: bool = True) -> str:
     """Parse ``run``'s config with the kd-lightning CLI and build its model, data and trainer (nothing is
     written), check the model runs on the data's input shape, and return a hash of the resolved config (and of
-    the teacher's, so a retrained teacher reruns its students)."""
+    the teacher's, so a retrained teacher reruns its students). A run that trains elsewhere (``trains_here``
+    False: a SLURM job) has its trainer built on the CPU, the GPUs it asks for being on another machine; its hash
+    is the same."""
     from kd_lightning.commands.cli import cli_main
 
     # the teacher's checkpoint does not exist yet: build a random teacher of the configured architecture
@@ -105,7 +107,7 @@ def check_and_hash(run: PlannedRun) -> str:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            cli = cli_main(args, run=False)
+            cli = cli_main(args, run=False, trainer_on_cpu=not trains_here)
     except SystemExit:
         raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {_cli_error(stderr.getvalue())}") from None
     except Exception as err:  # noqa: BLE001 - any failure to build the run is this study's input error

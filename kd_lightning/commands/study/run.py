@@ -21,13 +21,14 @@ def run_study(spec: StudySpec, out: str | Path, launcher: Launcher | None = None
     (None while runs are still queued elsewhere, e.g. on SLURM)."""
     out = Path(out)
     planned = plan(spec, out)
+    launcher = launcher or SerialLauncher()
     for run in planned:  # in training order, so a teacher's hash is known before its students'
-        run.config_hash = check_and_hash(run)
+        run.config_hash = check_and_hash(run, trains_here=launcher.trains_here)
     unknown = sorted(set(retrain) - {r.name for r in spec.runs})
     if unknown:
         raise StudyError(f"--retrain names {unknown}, which are not runs of this study "
                          f"({', '.join(r.name for r in spec.runs)}).")
-    results = (launcher or SerialLauncher()).run(planned, log, retrain=set(retrain))
+    results = launcher.run(planned, log, retrain=set(retrain))
     if results is None:
         return None
     return write_study_results(spec, out, planned, results)

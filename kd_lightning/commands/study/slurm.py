@@ -6,8 +6,10 @@ Resources come from the study YAML (``resources:`` for every run, and per run) a
 ``trainer.devices`` to match), ``cpus`` (per task), ``mem`` (e.g. ``32G``), ``time`` (minutes or ``HH:MM:SS``),
 ``partition``, ``account``, ``qos``, ``constraint``, ``sbatch`` (more ``#SBATCH`` lines, e.g.
 ``["--mail-type=END"]``) and ``setup`` (shell lines before the run, e.g. ``["source .venv/bin/activate"]``).
-Each job gets ``--signal=USR1@120`` and ``--requeue``: before its time limit or on preemption Lightning saves and
-requeues it, and the requeued job resumes from its ``last.ckpt`` (:func:`kd_lightning.commands.study.jobs.execute`).
+Each job gets ``--signal=USR1@120`` (Lightning's requeue signal) and ``--requeue``: before its time limit or on
+preemption Lightning requeues it, and the requeued job resumes from its ``last.ckpt``
+(:func:`kd_lightning.commands.study.jobs.execute`). Runs are checked before submitting with their trainer built on
+the CPU (a login node has no GPUs).
 Starting the study again submits only what is not done or running; ``--dry-run`` prints every job's script and the
 dependency graph and submits nothing.
 """
@@ -90,6 +92,8 @@ def sbatch_parameters(resources: Mapping[str, Any], name: str) -> dict[str, Any]
 class SlurmLauncher(Launcher):
     """Submits every job not done (nor queued or running from an earlier start) and returns; with ``wait``,
     follows them until they end and returns their results."""
+
+    trains_here = False
 
     def __init__(self, resources: Mapping[str, Mapping[str, Any]], out: Path, dry_run: bool = False,
                  wait: bool = False, poll_s: float = 5.0) -> None:
