@@ -234,9 +234,9 @@ def test_a_study_preempted_inside_a_run_resumes_that_run_exactly(tmp_path, monke
     cli_main = kd_lightning.commands.cli.cli_main
     stop = "--trainer.callbacks+={class_path: kill_switch.KillAt, init_args: {epoch: 1, batch: 1, signal_name: SIGTERM}}"
 
-    def preempted_kd_student(args, run=True, callbacks=None):  # only the KD student's training (not the checks)
+    def preempted_kd_student(args, run=True, callbacks=None, **kwargs):  # only the KD student's training (not the checks)
         kd = run and "--trainer.logger.init_args.name=kd_student" in args
-        return cli_main([*args, stop] if kd else args, run, callbacks)
+        return cli_main([*args, stop] if kd else args, run, callbacks, **kwargs)
 
     monkeypatch.setattr(kd_lightning.commands.cli, "cli_main", preempted_kd_student)
     with pytest.raises(SystemExit) as exit_status:
