@@ -165,7 +165,7 @@ def hint_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 
     the mean squared error over every element (batch, channels, positions) between the teacher's hint layer
     :math:`f_t` and the student's guided layer after its regressor :math:`r` (an adapter to the teacher's shape,
-    applied by the caller: :class:`kd_lightning.distillers.HintTerm` uses a 1x1 conv + BatchNorm). Both tensors
+    applied by the caller: :class:`kd_lightning.distillers.Hint` uses a 1x1 conv + BatchNorm). Both tensors
     must have the same shape; float32.
     """
     if student_features.shape != teacher_features.shape:
@@ -225,7 +225,7 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
 
     each KL summed over classes and averaged over the labelled rows (unlabelled rows have no target class and
     are left out; 0 when no row is labelled). Float32. The paper's linear warm-up of the loss weight is applied
-    by :class:`kd_lightning.distillers.DKDTerm`.
+    by :class:`kd_lightning.distillers.DKD`.
 
     Returns:
         ``{"dkd", "tckd", "nckd"}`` with ``dkd = alpha * tckd + beta * nckd``.
@@ -255,3 +255,15 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
     t2 = temperature * temperature
     tckd, nckd = t2 * tckd, t2 * nckd
     return {"dkd": alpha * tckd + beta * nckd, "tckd": tckd, "nckd": nckd}
+
+
+# -- logit methods beyond KD and DKD: DIST, logit standardisation, CTKD ----------------------------------------
+
+
+# -- relations between samples: similarity-preserving KD, RKD, PKT, NST -----------------------------------------
+
+
+# -- features through learned modules: VID, ReviewKD ------------------------------------------------------------
+
+
+# -- contrastive representation distillation (CRD) --------------------------------------------------------------

@@ -29,9 +29,11 @@ Adapters (FitNets' regressor) belong to the training run, not to the student: th
 ``module.student``, so exports and parameter counts of the student do not include them.
 """
 
-from kd_lightning.distillers.base import DistillationTerm, StepOutputs
-from kd_lightning.distillers.features import AttentionTransfer, Hint
-from kd_lightning.distillers.logits import DKD, CrossEntropy, HintonKD, shorthand_terms
+from kd_lightning.distillers import base, crd, features, logits, relations
+from kd_lightning.distillers.base import *  # noqa: F403 - each family module lists its public names in __all__
+from kd_lightning.distillers.crd import *  # noqa: F403
+from kd_lightning.distillers.features import *  # noqa: F403
+from kd_lightning.distillers.logits import *  # noqa: F403
+from kd_lightning.distillers.relations import *  # noqa: F403
 
-__all__ = ["AttentionTransfer", "CrossEntropy", "DKD", "DistillationTerm", "Hint", "HintonKD", "StepOutputs",
-           "shorthand_terms"]
+__all__ = sorted([*base.__all__, *logits.__all__, *features.__all__, *relations.__all__, *crd.__all__])

@@ -1,0 +1,5 @@
+"""Contrastive representation distillation (CRD): a memory bank of negatives and the NCE loss."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
