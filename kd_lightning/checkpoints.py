@@ -114,8 +114,9 @@ def check_state_fits(saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.
         wanted = " / ".join(NETWORK_PREFIXES.get(r, f"{r}.*") for r in sorted(own_roots))
         raise ValueError(f"{source} holds a {found}, but the config trains {target}: {wanted}. Use the config the "
                          "checkpoint was trained with.")
+    # an empty tensor of ``own`` is sized by the data at setup (a CRD memory bank): any saved size fits it
     wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in saved.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)}
+             if k in own and tuple(v.shape) != tuple(own[k].shape) and own[k].numel() > 0}
     heads = {k: shapes for k, shapes in wrong.items() if num_classes and shapes[1][0] == num_classes != shapes[0][0]}
     if wrong and len(heads) == len(wrong):  # only the classifier head differs: other data
         key, (found_shape, _) = next(iter(heads.items()))

@@ -235,6 +235,16 @@ class Distiller(nn.Module):
             term.build(student_features, teacher_features)
             term.to(None if param is None else param.device)
 
+    def index_terms(self) -> list[str]:
+        """Names of the terms that read each training row's dataset index (a memory bank: CRD)."""
+        return [name for name, term in self.terms.items() if term.needs_index]
+
+    def bind_train_rows(self, labels: Tensor) -> None:
+        """Give the terms that read dataset indices the class of every training row (``(N,)``, -100: unlabelled)."""
+        for term in self.terms.values():
+            if term.needs_index:
+                term.bind_train_rows(labels)
+
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: the network's trainable parameters, then the terms' adapters."""
         unbuilt = [t.name for t in self.terms.values() if not t.built]
@@ -292,7 +302,8 @@ class Distiller(nn.Module):
                 weighted = term.weight * value
                 losses[f"loss_{name}"] = weighted
                 total = weighted if total is None else total + weighted
-        assert total is not None
+        if total is None:  # every term is a training-only one (CRD) and this is validation
+            total = out.student_logits.new_zeros(())
         return {"loss": total, **losses}
 
     # -- the teacher stays frozen, in eval mode, and out of checkpoints --------------------------------------------

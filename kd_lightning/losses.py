@@ -267,3 +267,36 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
 
 
 # -- contrastive representation distillation (CRD) --------------------------------------------------------------
+
+
+def crd_scores(anchors: Tensor, memory_rows: Tensor, temperature: float) -> Tensor:
+    r"""CRD's unnormalised scores of each anchor against its positive and negatives in a memory bank.
+
+    .. math:: h_{bk} = \exp(\langle m_{bk}, a_b \rangle / \tau)
+
+    ``anchors`` ``(B, D)`` (L2-normalised embeddings of one network), ``memory_rows`` ``(B, K+1, D)`` (the other
+    network's stored embeddings of row ``b``'s positive, then its ``K`` negatives); returns ``(B, K+1)``, float32.
+    """
+    logits = torch.bmm(memory_rows.float(), anchors.float().unsqueeze(-1)).squeeze(-1)  # (B, K+1)
+    return torch.exp(logits / temperature)
+
+
+def crd_nce_loss(probabilities: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
+    r"""The NCE loss of contrastive representation distillation (Tian, Krishnan & Isola, "Contrastive
+    Representation Distillation", ICLR 2020, eq. 10 and the authors' ``ContrastLoss``).
+
+    With the positive's probability :math:`P_{b0}` and the negatives' :math:`P_{bk}` (scores divided by the
+    normalising constant :math:`Z`), :math:`K` negatives drawn from the noise distribution :math:`P_n = 1/N`:
+
+    .. math::
+        \mathcal{L} = -\frac{1}{B} \sum_b \Big[\log \frac{P_{b0}}{P_{b0} + K P_n + \epsilon}
+                      + \sum_{k=1}^{K} \log \frac{K P_n}{P_{bk} + K P_n + \epsilon}\Big]
+
+    ``probabilities`` ``(B, K+1)``, positive first; ``num_data`` :math:`N`, the rows of the memory bank.
+    """
+    p = probabilities.float()
+    m = p.shape[1] - 1
+    noise = m / float(num_data)  # K * Pn
+    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))  # (B,)
+    log_neg = torch.log(noise / (p[:, 1:] + noise + eps))  # (B, K)
+    return -(log_pos.sum() + log_neg.sum()) / p.shape[0]

@@ -199,11 +199,26 @@ class _TrainingModule(Distiller, LightningModule):
     def check_input_shape(self, input_shape: Sequence[int], num_classes: int | None = None) -> None:
         super().check_input_shape(input_shape, self.num_classes if num_classes is None else num_classes)
 
-    def setup(self, stage: str) -> None:
-        input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
+    def check_data(self, datamodule: Any) -> None:
+        """The data against the networks and terms, before anything runs: the input shape and class count, and
+        the dataset indices a memory-bank term (CRD) reads."""
+        input_shape = getattr(datamodule, "input_shape", None)
         if input_shape is not None:
             self.check_input_shape(input_shape)
+        needing = self.index_terms()
+        if needing and datamodule is not None and not getattr(datamodule, "return_index", False):
+            raise ValueError(f"The term(s) {needing} read each training row's dataset index, but the data does not "
+                             "give it: set data.init_args.return_index: true.")
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer else None
+        self.check_data(datamodule)
+        input_shape = getattr(datamodule, "input_shape", None)
+        if input_shape is not None:
             self.example_input_array = torch.zeros(1, *input_shape)  # in/out sizes and FLOPs in ModelSummary
+        labels = getattr(datamodule, "train_row_labels", None)
+        if stage == "fit" and self.index_terms() and labels is not None:
+            self.bind_train_rows(labels)
         if self._channels_last:
             # For the trainer's run only (undone in teardown): the 4-D weights change layout, not value, so
             # state_dict() is the same and a module out of a trainer is in the default layout.

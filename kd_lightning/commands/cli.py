@@ -211,9 +211,8 @@ class KDLightningCLI(LightningCLI):
 
     def _check_model_fits_data(self) -> None:
         # Before the trainer runs, so a mismatch writes nothing under logs/.
-        input_shape = getattr(self.datamodule, "input_shape", None)
-        if input_shape is not None and hasattr(self.model, "check_input_shape"):
-            self.model.check_input_shape(input_shape)
+        if hasattr(self.model, "check_data"):
+            self.model.check_data(self.datamodule)
         for callback in self.trainer.callbacks:  # settings against the model and data, without side effects
             check = getattr(callback, "check_settings", None)
             if callable(check):

@@ -157,6 +157,7 @@ class ClassificationDataModule(LightningDataModule):
         self.train_progress = LoaderProgress()  # batches the training step consumed: the train loader's state
         self._resume_progress: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
         self.train_set: Dataset | None = None
+        self.train_row_labels: Tensor | None = None  # (N,) after setup: each training row's class (-100: none)
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
@@ -172,17 +173,23 @@ class ClassificationDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         train, self.val_set, self.test_set, train_labels = self.build_datasets()
+        row_labels = [int(y) for y in train_labels]  # the label of every training row, by dataset index
         if self.labelled_fraction < 1.0:
             labelled = labelled_subset(train_labels, self.labelled_fraction, self.split_seed)
             train = PartiallyLabelled(train, labelled) if self.use_unlabelled else Subset(train, labelled)
+            kept = set(labelled)
+            row_labels = ([y if i in kept else UNLABELLED for i, y in enumerate(row_labels)] if self.use_unlabelled
+                          else [row_labels[i] for i in labelled])
         if self.use_unlabelled:
             extra = self.build_unlabelled()
             if extra is not None:
                 train = ConcatDataset([train, extra])
+                row_labels += [UNLABELLED] * len(extra)  # type: ignore[arg-type]
         else:
             extra_dir = getattr(self, "unlabelled_dir", None)
             if extra_dir:
                 rank_zero_info(f"use_unlabelled is false: the images in unlabelled_dir={extra_dir} are not used.")
+        self.train_row_labels = torch.tensor(row_labels, dtype=torch.long)  # (N,); -100: unlabelled
         self.train_set = WithIndex(train) if self.return_index else train
 
     # -- loaders --------------------------------------------------------------------------------------------

@@ -86,6 +86,14 @@ class DistillationTerm(nn.Module):
     def build(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         """Create whatever depends on feature shapes (adapters), from a dry run's features. Default: nothing."""
 
+    #: True for a term that reads each training row's dataset index (``StepOutputs.index``: a memory bank's rows);
+    #: the module then asks the data for it (``return_index: true``) and calls :meth:`bind_train_rows`.
+    needs_index = False
+
+    def bind_train_rows(self, labels: Tensor) -> None:
+        """Learn the training set before training: ``labels`` ``(N,)``, the class of every training row by dataset
+        index (``-100``: unlabelled). Called at setup for terms with ``needs_index``. Default: nothing."""
+
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
