@@ -260,6 +260,126 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
 # -- logit methods beyond KD and DKD: DIST, logit standardisation, CTKD ----------------------------------------
 
 
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024): the
+    Z-score of each row of logits, applied to teacher and student before dividing by the (base) temperature.
+
+    .. math:: \mathcal{Z}(z)_k = \frac{z_k - \bar z}{\epsilon + s(z)}, \qquad
+              \bar z = \frac{1}{K}\sum_{k} z_k, \qquad s(z) = \sqrt{\frac{1}{K-1}\sum_k (z_k - \bar z)^2}
+
+    :math:`s` is the unbiased (Bessel-corrected) standard deviation, ``torch.std``'s default, as in the authors'
+    code; :math:`\epsilon = 10^{-7}` is added to it (not under the root). ``(..., K)`` -> ``(..., K)``, float32.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))
+
+
+def mean_pearson_correlation(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    r"""Mean over rows of the Pearson correlation of the rows of ``a`` and ``b`` (both ``(N, M)``), as DIST
+    computes it: each row centred, then its cosine similarity with the other's, :math:`\epsilon` added to the
+    product of the norms:
+
+    .. math:: \bar\rho = \frac{1}{N}\sum_{i=1}^{N}
+              \frac{\langle a_i - \bar a_i,\, b_i - \bar b_i\rangle}{\|a_i - \bar a_i\|\,\|b_i - \bar b_i\| + \epsilon}
+
+    A scalar, float32.
+    """
+    a, b = a.float(), b.float()
+    a = a - a.mean(dim=1, keepdim=True)  # (N, M)
+    b = b - b.mean(dim=1, keepdim=True)  # (N, M)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
+
+
+def dist_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamma: float = 1.0,
+              temperature: float = 1.0) -> dict[str, Tensor]:
+    r"""DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022): match the relations
+    between predictions by correlation instead of the predictions themselves.
+
+    With :math:`P = \sigma(Z/\tau)` row-wise (``(B, C)``, for student and teacher) and :math:`\rho` the Pearson
+    correlation (:func:`mean_pearson_correlation`, the authors' :math:`\epsilon = 10^{-8}`):
+
+    .. math::
+        \mathrm{inter} = \tau^2 \Big(1 - \frac{1}{B}\sum_{i=1}^{B} \rho(P^s_{i,:}, P^t_{i,:})\Big), \qquad
+        \mathrm{intra} = \tau^2 \Big(1 - \frac{1}{C}\sum_{j=1}^{C} \rho(P^s_{:,j}, P^t_{:,j})\Big)
+
+    .. math:: \mathrm{DIST} = \beta\,\mathrm{inter} + \gamma\,\mathrm{intra}
+
+    inter-class relations (each row: one sample over the classes) and intra-class relations (each column: one class
+    over the batch), as the authors' ``dist_kd.py`` (``tau = 1`` in their ImageNet setting, ``dist_t4`` i.e.
+    ``tau = 4`` in their CIFAR-100 one; ``beta = gamma = 1`` inside the loss, weighted 2 against the CE). Labels are
+    not used: every row counts. Float32.
+
+    Returns:
+        ``{"dist", "inter", "intra"}`` with ``dist = beta * inter + gamma * intra`` (both parts include
+        :math:`\tau^2`).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    p_s = F.softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
+    t2 = temperature * temperature
+    inter = t2 * (1.0 - mean_pearson_correlation(p_s, p_t))
+    intra = t2 * (1.0 - mean_pearson_correlation(p_s.T, p_t.T))  # (C, B): one row per class
+    return {"dist": beta * inter + gamma * intra, "inter": inter, "intra": intra}
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; the incoming gradient times ``-strength`` backward (see :func:`reverse_gradient`)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, strength: float) -> Tensor:
+        ctx.strength = strength
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.strength * grad, None
+
+
+def reverse_gradient(x: Tensor, strength: float) -> Tensor:
+    r"""The gradient reversal layer (Ganin & Lempitsky, ICML 2015), as CTKD uses it: the identity forward,
+
+    .. math:: \frac{\partial \mathcal{L}}{\partial x} \leftarrow -\lambda\, \frac{\partial \mathcal{L}}{\partial y}
+
+    backward, with :math:`\lambda` = ``strength`` (a float, no gradient).
+    """
+    return _GradientReversal.apply(x, float(strength))
+
+
+def cosine_curriculum(epoch: int, start: float = 0.0, end: float = 1.0, epochs: int = 10) -> float:
+    r"""CTKD's curriculum of the gradient-reversal strength (Li et al., AAAI 2023, eq. 8): from ``start`` to ``end``
+    along half a cosine over the first ``epochs`` epochs, then ``end``:
+
+    .. math:: \lambda_e = \lambda_{\mathrm{start}} + (\lambda_{\mathrm{end}} - \lambda_{\mathrm{start}})\,
+              \frac{1 - \cos(\pi \min(e, E) / E)}{2}
+
+    ``epoch`` :math:`e` counts from 1 as in the authors' training loop (their ``CosineDecay`` over
+    ``decay_loops = 10`` epochs, from 0 to -1, the sign being the reversal); ``epochs = 0`` gives ``end`` throughout.
+    """
+    import math
+
+    if epochs <= 0:
+        return float(end)
+    progress = min(max(epoch, 0), epochs) / epochs
+    return float(start + (end - start) * 0.5 * (1.0 - math.cos(math.pi * progress)))
+
+
+def ctkd_temperature(raw: Tensor, strength: float, min_temperature: float = 1.0,
+                     temperature_range: float = 20.0) -> Tensor:
+    r"""The learned global temperature of CTKD (Li et al., "Curriculum Temperature for Knowledge Distillation",
+    AAAI 2023), as the authors' code maps its parameter:
+
+    .. math:: T = T_{\min} + T_{\mathrm{range}}\;\sigma\big(\mathrm{GRL}_\lambda(\theta)\big)
+
+    with :math:`\theta` the raw scalar parameter, :math:`\sigma` the logistic sigmoid (so
+    :math:`T \in (T_{\min}, T_{\min} + T_{\mathrm{range}})`; the authors' ``t_start = 1``, ``t_end = 20``) and
+    :math:`\mathrm{GRL}_\lambda` the gradient reversal of :func:`reverse_gradient`: the KD loss computed at
+    :math:`T` is minimised by the student and, through the reversal, maximised by :math:`\theta`. Float32;
+    a 0-dim tensor when ``raw`` is one.
+    """
+    return min_temperature + temperature_range * torch.sigmoid(reverse_gradient(raw.float(), strength))
+
+
 # -- relations between samples: similarity-preserving KD, RKD, PKT, NST -----------------------------------------
 
 
