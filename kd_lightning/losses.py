@@ -381,6 +381,159 @@ def ctkd_temperature(raw: Tensor, strength: float, min_temperature: float = 1.0,
 
 
 # -- relations between samples: similarity-preserving KD, RKD, PKT, NST -----------------------------------------
+# Losses on the relations between the samples of a batch (so they need B >= 2 to say anything). They switch
+# autocast off and compute in float32: the (B, B) Gram matrices of wide flattened maps overflow float16.
+
+
+def _no_autocast(like: Tensor) -> torch.autocast:
+    """A context without autocast on ``like``'s device (its matmuls stay float32); a device autocast does not
+    know (``meta``) gets the CPU's switched off, which changes nothing for it."""
+    device = like.device.type if torch.amp.is_autocast_available(like.device.type) else "cpu"
+    return torch.autocast(device_type=device, enabled=False)
+
+
+def similarity_preserving_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    r"""Similarity-preserving KD (Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019).
+
+    With :math:`Q = \mathrm{vec}(f)` the features of each sample flattened, ``(B, C*H*W)``, the batch's
+    similarity matrix is row-normalised, :math:`G = \mathrm{rownorm}(Q Q^\top)` ``(B, B)`` (each row divided by
+    its L2 norm), and
+
+    .. math:: \mathcal{L}_{SP} = \frac{1}{B^2}\,\| G_s - G_t \|_F^2
+
+    for one layer pair (the paper sums over pairs and weights the sum by :math:`\gamma`; the CRD benchmark uses
+    the last stage's output with weight 3000). The widths and spatial sizes may differ. Float32.
+    """
+    with _no_autocast(student_features):
+        s = student_features.float().flatten(1)  # (B, Ds)
+        t = teacher_features.float().detach().flatten(1)  # (B, Dt)
+        g_s = F.normalize(s @ s.T, p=2, dim=1)  # (B, B)
+        g_t = F.normalize(t @ t.T, p=2, dim=1)  # (B, B)
+        return (g_s - g_t).pow(2).sum() / (s.shape[0] ** 2)
+
+
+def pairwise_distances(embeddings: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
+    r"""Euclidean distances between the rows of ``embeddings`` ``(B, D)``: ``(B, B)`` with a zero diagonal.
+
+    .. math:: d_{ij} = \sqrt{\max(\|x_i\|^2 + \|x_j\|^2 - 2 x_i^\top x_j,\ \epsilon)}, \qquad d_{ii} = 0
+
+    (the expansion of RKD's code; the clamp keeps the square root's gradient finite, the diagonal is exactly 0 and
+    passes no gradient). ``squared``: :math:`d_{ij}^2` instead. Float32.
+    """
+    with _no_autocast(embeddings):
+        x = embeddings.float()
+        sq_norms = x.pow(2).sum(dim=1)  # (B,)
+        d = (sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0) - 2.0 * x @ x.T).clamp(min=eps)  # (B, B)
+        if not squared:
+            d = d.sqrt()
+        off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        return d * off_diagonal
+
+
+def rkd_loss(student_embeddings: Tensor, teacher_embeddings: Tensor, distance_weight: float = 25.0,
+             angle_weight: float = 50.0) -> dict[str, Tensor]:
+    r"""Relational knowledge distillation (Park et al., "Relational Knowledge Distillation", CVPR 2019): the
+    distance-wise and angle-wise potentials of the embeddings, compared with the smooth L1 (Huber, :math:`\delta=1`)
+    loss :math:`\ell_\delta`.
+
+    .. math::
+        \psi_D(i, j) = \frac{\|x_i - x_j\|_2}{\mu}, \quad \mu = \mathrm{mean}\{\|x_k - x_l\|_2 > 0\}, \qquad
+        \mathrm{distance} = \frac{1}{B^2}\sum_{i,j} \ell_\delta(\psi^s_D(i,j), \psi^t_D(i,j))
+
+        \psi_A(i, j, k) = \Big\langle \frac{x_j - x_i}{\|x_j - x_i\|_2}, \frac{x_k - x_i}{\|x_k - x_i\|_2}
+            \Big\rangle, \qquad
+        \mathrm{angle} = \frac{1}{B^3}\sum_{i,j,k} \ell_\delta(\psi^s_A(i,j,k), \psi^t_A(i,j,k))
+
+        \mathrm{rkd} = w_D\,\mathrm{distance} + w_A\,\mathrm{angle}
+
+    (the paper's :math:`w_D = 25`, :math:`w_A = 50`). As in the authors' code the means run over every entry,
+    the diagonal and the degenerate triplets (an angle at a repeated point is 0) included, and the distances come
+    from :func:`pairwise_distances` (squared distances clamped at 1e-12 before the square root). ``(B, D)``
+    embeddings (anything else is flattened per row); the dimensions may differ. Float32; ``angle`` holds a
+    ``(B, B, B)`` tensor.
+
+    Returns:
+        ``{"rkd", "distance", "angle"}``.
+    """
+    with _no_autocast(student_embeddings):
+        s = student_embeddings.float().flatten(1)  # (B, Ds)
+        t = teacher_embeddings.float().detach().flatten(1)  # (B, Dt)
+
+        def distance_potential(x: Tensor) -> Tensor:
+            d = pairwise_distances(x)  # (B, B), zero diagonal
+            positive = d > 0
+            mean = (d * positive).sum() / positive.sum().clamp(min=1)
+            return d / mean.clamp(min=torch.finfo(d.dtype).tiny)
+
+        def angle_potential(x: Tensor) -> Tensor:
+            unit = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # (B, B, D): [i, j] = (x_j - x_i)/norm
+            return torch.bmm(unit, unit.transpose(1, 2))  # (B, B, B): [i, j, k] = cosine of the angle j-i-k
+
+        distance = F.smooth_l1_loss(distance_potential(s), distance_potential(t))
+        angle = F.smooth_l1_loss(angle_potential(s), angle_potential(t))
+        return {"rkd": distance_weight * distance + angle_weight * angle, "distance": distance, "angle": angle}
+
+
+def pkt_loss(student_embeddings: Tensor, teacher_embeddings: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""Probabilistic knowledge transfer (Passalis & Tefas, "Learning Deep Representations with Probabilistic
+    Knowledge Transfer", ECCV 2018), with the cosine-similarity kernel of the authors' code.
+
+    Rows are scaled to unit norm (:math:`x / (\|x\| + \epsilon)`), their cosine similarities mapped to
+    :math:`[0, 1]` and each row normalised into a conditional distribution over the batch:
+
+    .. math::
+        p_{ij} = \frac{(1 + \cos(x_i, x_j))/2}{\sum_k (1 + \cos(x_i, x_k))/2}, \qquad
+        \mathcal{L}_{PKT} = \frac{1}{B^2}\sum_{i,j} p^t_{ij} \log\frac{p^t_{ij} + \epsilon}{p^s_{ij} + \epsilon}
+
+    i.e. the KL divergence of the student's from the teacher's distributions, averaged over all :math:`B^2`
+    entries (not summed per row), :math:`\epsilon = 10^{-7}` as in the authors' code. ``(B, D)`` embeddings
+    (anything else is flattened per row); the dimensions may differ. Float32.
+    """
+    if eps <= 0:
+        raise ValueError(f"pkt_loss: eps must be > 0, got {eps}.")
+    with _no_autocast(student_embeddings):
+        s = student_embeddings.float().flatten(1)  # (B, Ds)
+        t = teacher_embeddings.float().detach().flatten(1)  # (B, Dt)
+
+        def conditional(x: Tensor) -> Tensor:
+            x = x / (x.norm(dim=1, keepdim=True) + eps)
+            similarity = (x @ x.T + 1.0) / 2.0  # (B, B), in [0, 1]
+            return similarity / similarity.sum(dim=1, keepdim=True)  # rows sum to 1
+
+        p_s, p_t = conditional(s), conditional(t)
+        return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def nst_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    r"""Neuron selectivity transfer (Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity
+    Transfer", 2017): the squared MMD between the sets of channel maps, polynomial kernel :math:`d = 2, c = 0`.
+
+    Each channel's spatial map :math:`f_{b,i} \in \mathbb{R}^{HW}` is L2-normalised; with
+    :math:`k(x, y) = (x^\top y)^2`, per sample :math:`b`
+
+    .. math::
+        \mathcal{L}_{NST} = \frac{1}{B}\sum_b \Big[\frac{1}{C_t^2}\sum_{i,j} k(t_{b,i}, t_{b,j})
+            + \frac{1}{C_s^2}\sum_{i,j} k(s_{b,i}, s_{b,j}) - \frac{2}{C_s C_t}\sum_{i,j} k(s_{b,i}, t_{b,j})\Big]
+
+    (the three kernel means of the CRD benchmark's NSTLoss; the teacher-only term is a constant without gradient).
+    ``(B, C, H, W)`` maps, channel counts may differ; when the spatial sizes differ the larger map is
+    average-pooled to the smaller one. Float32.
+    """
+    if student_features.ndim != 4 or teacher_features.ndim != 4:
+        raise ValueError(f"nst_loss needs (B, C, H, W) feature maps, got student {tuple(student_features.shape)} "
+                         f"and teacher {tuple(teacher_features.shape)}.")
+    with _no_autocast(student_features):
+        s, t = student_features.float(), teacher_features.float().detach()
+        if s.shape[-2:] != t.shape[-2:]:
+            size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+            s, t = match_spatial(s, size), match_spatial(t, size)
+        s = F.normalize(s.flatten(2), dim=2)  # (B, Cs, HW): each channel's map of unit norm
+        t = F.normalize(t.flatten(2), dim=2)  # (B, Ct, HW)
+
+        def kernel_mean(a: Tensor, b: Tensor) -> Tensor:
+            return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()  # (B, Ca, Cb) -> mean of (a_i . b_j)^2
+
+        return kernel_mean(t, t) + kernel_mean(s, s) - 2.0 * kernel_mean(s, t)
 
 
 # -- features through learned modules: VID, ReviewKD ------------------------------------------------------------
