@@ -539,6 +539,69 @@ def nst_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 # -- features through learned modules: VID, ReviewKD ------------------------------------------------------------
 
 
+def vid_loss(pred_mean: Tensor, target: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    r"""Variational information distillation (Ahn et al., "Variational Information Distillation for Knowledge
+    Transfer", CVPR 2019): the negative log-likelihood of the teacher's features :math:`t` under a Gaussian whose
+    mean :math:`\mu` the student predicts (through a regressor, applied by the caller) and whose variance is a
+    learned per-channel :math:`\sigma_c^2 = \mathrm{softplus}(\alpha_c) + \epsilon`:
+
+    .. math::
+        \mathcal{L}_{VID} = \frac{1}{N} \sum_{b,c,h,w} \frac{1}{2}\Big(\log \sigma_c^2
+            + \frac{(\mu_{b,c,h,w} - t_{b,c,h,w})^2}{\sigma_c^2}\Big)
+
+    the mean over every element (batch, channels, positions), without the constant :math:`\frac12\log 2\pi`, as
+    in the authors' code (RepDistiller ``VIDLoss``, :math:`\epsilon = 10^{-5}`). ``pred_mean``, ``target``:
+    ``(B, C, H, W)`` or ``(B, C)`` of equal shapes; ``log_scale``: :math:`\alpha`, ``(C,)``. Float32; the
+    teacher's features pass no gradient.
+    """
+    if pred_mean.shape != target.shape or pred_mean.ndim < 2 or log_scale.shape != (pred_mean.shape[1],):
+        raise ValueError(f"vid_loss needs pred_mean and target of equal shapes (B, C, ...) and log_scale (C,), got "
+                         f"{tuple(pred_mean.shape)}, {tuple(target.shape)} and {tuple(log_scale.shape)}.")
+    mu, t = pred_mean.float(), target.float().detach()  # (B, C, ...)
+    var = F.softplus(log_scale.float()) + eps  # (C,)
+    var = var.view(1, -1, *([1] * (mu.ndim - 2)))  # (1, C, 1, 1)
+    return (0.5 * ((mu - t).pow(2) / var + var.log())).mean()
+
+
+def hcl_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor],
+             levels: Sequence[int] = (4, 2, 1)) -> Tensor:
+    r"""The hierarchical context loss of ReviewKD (Chen et al., "Distilling Knowledge via Knowledge Review",
+    CVPR 2021), summed over the pairs of ``(B, C, H, W)`` maps of equal shapes (the student's after its fusion
+    modules, the teacher's):
+
+    .. math::
+        \mathcal{L}_{HCL} = \sum_{\text{pairs}} \frac{\mathrm{MSE}(F_s, F_t) + \sum_k w_k\,
+            \mathrm{MSE}(P_{l_k}(F_s), P_{l_k}(F_t))}{1 + \sum_k w_k}, \qquad w_k = 2^{-k}
+
+    with :math:`P_l` adaptive average pooling to :math:`l \times l` over the ``levels`` :math:`l_1, l_2, \dots`
+    = 4, 2, 1 smaller than the map's height :math:`H` (others skipped; :math:`k` counts the used levels from 1),
+    each MSE a mean over every element. As in the authors' code (dvlab-research/ReviewKD and mdistiller
+    ``hcl_loss``): an 8x8 map gets weights 1, 1/2, 1/4, 1/8 divided by 15/8, a 1x1 map the plain MSE. Float32;
+    the teacher's maps pass no gradient.
+    """
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(f"hcl_loss needs the same non-zero number of student and teacher maps, got "
+                         f"{len(student_features)} and {len(teacher_features)}.")
+    total = None
+    for fs, ft in zip(student_features, teacher_features):
+        if fs.ndim != 4 or fs.shape != ft.shape:
+            raise ValueError(f"hcl_loss needs (B, C, H, W) maps of equal shapes, got student {tuple(fs.shape)} and "
+                             f"teacher {tuple(ft.shape)}.")
+        s, t = fs.float(), ft.float().detach()  # (B, C, H, W)
+        loss = F.mse_loss(s, t)
+        weight, weights = 1.0, 1.0
+        for level in levels:
+            if level >= s.shape[2]:
+                continue
+            weight /= 2.0
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            weights += weight
+        loss = loss / weights
+        total = loss if total is None else total + loss
+    assert total is not None
+    return total
+
+
 # -- contrastive representation distillation (CRD) --------------------------------------------------------------
 
 
