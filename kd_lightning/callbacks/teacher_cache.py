@@ -12,17 +12,24 @@ the replay rule and the file format). Add it to a KD run's ``trainer.callbacks``
           init_args: {dirpath: logs/flowers_transfer/teacher_cache, views: 8}
 
 At ``setup`` of a fit, before anything trains, it fingerprints the teacher's weights, the training data, the
-transform, the cache seed, ``views``, the storage and the teacher's precision. A matching, complete cache in
-``dirpath`` is used as it is; anything else (none yet, a partial build, another teacher, other data or
-transforms, a damaged file) is rebuilt there, with one message that says why. Under DDP every rank computes its
-share of the rows (rows ``r::world``) into one memory-mapped file; rank 0 writes the manifest last. Validation
-and test still run the teacher (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
+transform, the cache seed, ``views``, the storage, the teacher's precision and the mixing (the MixUp/CutMix
+settings, when on). A matching, complete cache in ``dirpath`` is used as it is; anything else (none yet, a partial
+build, another teacher, other data, transforms or mixing, a damaged file) is rebuilt there, with one message that
+says why. Under DDP every rank computes its share of the rows (rows ``r::world``) into one memory-mapped file; rank
+0 writes the manifest last. Validation and test still run the teacher (``teacher_acc``, ``agreement`` and ``kl``
+stay measured on clean images).
 
 With ``views: K`` an epoch shows each row in one of its K views, so K epochs see K different crops; past K epochs
 the views repeat (online KD draws a fresh crop every time). Every head of a multi-head teacher (GoogLeNet's
 auxiliary heads) is cached, so a term sees offline exactly what it would see online, whatever its
 ``teacher_weights``. Refused with a clear error: terms that tap teacher layers (their features are not cached),
-batch-level augmentation on the device (MixUp, CutMix, noise) and transforms that cannot be replayed from a seed.
+noise added on the device (``noise_std``) and transforms that cannot be replayed from a seed.
+
+Function matching offline (Beyer et al., CVPR 2022): with the DataModule's ``mixup_alpha`` / ``cutmix_alpha`` on,
+the K views of a row are MixUp/CutMix views, each mixed with a partner row's view by draws replayed from a seed,
+and the student gets exactly those mixed images with their soft labels (the batch-level mixing of online training is
+replaced by it). The same YAML means function matching online and offline; the mixing settings are a part of the
+fingerprint, so a cache built for other ones is rebuilt. See :mod:`kd_lightning.data.teacher_cache`.
 """
 
 from __future__ import annotations
@@ -110,12 +117,16 @@ class TeacherCache(Callback):
     def parts(self, pl_module: Any, datamodule: Any) -> dict[str, str]:
         """The fingerprint's parts: what a cache was built for."""
         description = datamodule.teacher_cache_description()
-        return {"teacher": pl_module.teacher_fingerprint(), "data": describe_part(description["data"]),
-                "transform": describe_part(description["transform"]), "seed": str(self.seed),
-                "views": str(self.views), "storage": f"{self.dtype}, top_k={self.top_k}",
-                # the logits' precision: this build's autocast and the module's own teacher_precision
-                "precision": f"build {self.precision}, teacher {pl_module.hparams.get('teacher_precision', '32')}",
-                "classes": str(pl_module.num_classes)}
+        parts = {"teacher": pl_module.teacher_fingerprint(), "data": describe_part(description["data"]),
+                 "transform": describe_part(description["transform"]), "seed": str(self.seed),
+                 "views": str(self.views), "storage": f"{self.dtype}, top_k={self.top_k}",
+                 # the logits' precision: this build's autocast and the module's own teacher_precision
+                 "precision": f"build {self.precision}, teacher {pl_module.hparams.get('teacher_precision', '32')}",
+                 "classes": str(pl_module.num_classes)}
+        mixing = datamodule.teacher_cache_mixing()
+        if mixing is not None:  # only when on: a cache without mixing keeps the fingerprint it always had
+            parts["mixing"] = mixing.describe()
+        return parts
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -127,20 +138,21 @@ class TeacherCache(Callback):
         cached views. ``trainer`` gives the ranks and the device; None: one process, the teacher's device."""
         self.check_settings(pl_module, datamodule)
         train_set = datamodule.train_set
-        if not self._random_views and self.views > 1:
+        if not self._random_views and self.views > 1 and datamodule.teacher_cache_mixing() is None:
             rank_zero_warn(f"TeacherCache: the training transform is not random, so the {self.views} views of a row "
                            "are the same image; views: 1 caches the same information at 1/K of the cost.")
         parts = self.parts(pl_module, datamodule)
         self.fingerprint = fingerprint(parts)
+        kind = "views" if "mixing" not in parts else "MixUp/CutMix views"
         ranks = _Ranks(trainer, pl_module)
         store = TeacherLogitsStore(self.dirpath)
         reason = ranks.broadcast(store.stale_reason(parts) if ranks.is_global_zero else None)
         if reason is None:
             rank_zero_info(f"TeacherCache: using the cached teacher logits in '{self.dirpath}' "
-                           f"({len(train_set)} rows x {self.views} views).")
+                           f"({len(train_set)} rows x {self.views} {kind}).")
         else:
             rank_zero_info(f"TeacherCache: building the teacher cache in '{self.dirpath}' ({len(train_set)} rows x "
-                           f"{self.views} views) because {reason}.")
+                           f"{self.views} {kind}) because {reason}.")
             self.build(ranks, pl_module, datamodule, parts)
         datamodule.attach_teacher_cache(TeacherLogitsStore(self.dirpath), self.seed, self.views)
 
@@ -159,7 +171,8 @@ class TeacherCache(Callback):
         device = ranks.device
         pl_module.teacher.to(device)  # under a trainer, the strategy moves the whole module there next anyway
         pairs = [(i, v) for i in range(ranks.rank, rows, ranks.world) for v in range(self.views)]
-        loader = DataLoader(ViewsToCache(train_set, pairs, self.seed), batch_size=self.batch_size or
+        views = ViewsToCache(train_set, pairs, self.seed, datamodule.teacher_cache_mixing())
+        loader = DataLoader(views, batch_size=self.batch_size or
                             datamodule.batch_size, shuffle=False, num_workers=datamodule.num_workers)
         dtype = TEACHER_PRECISIONS[self.precision]
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -16,6 +16,11 @@ each row is one-hot (all zero for an unlabelled row) and rows are mixed in pairs
   is ``lam * CE(a)``, i.e. only the labelled share of the mixed image has a hard target, while the soft
   (teacher) term covers the whole mixed image;
 * unlabelled x unlabelled gives an all-zero row: unlabelled, soft term only.
+
+With a teacher cache attached (offline distillation, :class:`kd_lightning.callbacks.TeacherCache`), MixUp/CutMix
+are not done here on the batch: the cache's views are mixed per sample, replayed from seeds, with the same
+settings and the same label rule (function matching: the teacher's cached logits are for the very mixed image the
+student gets; :mod:`kd_lightning.data.teacher_cache`). ``noise_std`` stays refused with a cache.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class ClassificationDataModule(LightningDataModule):
             added after normalization, e.g. 0.1 as in the KD literature.
         mixup_alpha, cutmix_alpha: Beta(alpha, alpha) parameter of batch-level MixUp / CutMix on training batches
             (0: off; both > 0: one of the two per batch). Labels become soft ``(B, K)``; see the module docstring.
+            With a teacher cache, the cached views are mixed per sample instead (function matching offline).
         return_index: training batches carry each row's dataset index as a third field
             (:mod:`kd_lightning.data.batch`); MixUp/CutMix refuse such batches.
         predict_split: the split ``kd-lightning predict`` runs on: ``test`` (the validation split when there is no
@@ -209,7 +215,7 @@ class ClassificationDataModule(LightningDataModule):
             from kd_lightning.data.teacher_cache import CachedViews
 
             store, cache_seed, views = self._teacher_cache
-            samples: Dataset = CachedViews(dataset, store, cache_seed, run_seed(), views)
+            samples: Dataset = CachedViews(dataset, store, cache_seed, run_seed(), views, self.teacher_cache_mixing())
         else:
             samples = SeededSamples(dataset, run_seed())
         loader = ResumableLoader(samples, sampler=sampler, progress=self.train_progress,
@@ -233,15 +239,24 @@ class ClassificationDataModule(LightningDataModule):
         return {"labelled_fraction": self.labelled_fraction, "use_unlabelled": self.use_unlabelled,
                 "split_seed": self.split_seed, "return_index": self.return_index}
 
+    def teacher_cache_mixing(self) -> Any:
+        """The teacher cache's per-sample MixUp/CutMix (function matching offline), from ``mixup_alpha`` and
+        ``cutmix_alpha``: a :class:`~kd_lightning.data.teacher_cache.ViewMixing`, or None when both are off."""
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            return None
+        from kd_lightning.data.teacher_cache import ViewMixing
+
+        return ViewMixing(self.num_classes, float(self.mixup_alpha), float(self.cutmix_alpha))
+
     def check_teacher_cache(self) -> None:
-        """Refuse settings under which cached logits would describe another image than the one trained on."""
-        on_device = [f"{k}={v}" for k, v in (("mixup_alpha", self.mixup_alpha), ("cutmix_alpha", self.cutmix_alpha),
-                                              ("noise_std", self.noise_std)) if v > 0]
-        if on_device:
+        """Refuse settings under which cached logits would describe another image than the one trained on (MixUp
+        and CutMix are fine: with a cache they mix the cached views, see :meth:`teacher_cache_mixing`)."""
+        if self.noise_std > 0:
             raise ValueError(
-                f"{type(self).__name__}: a teacher cache cannot be used with batch-level augmentation on the device "
-                f"({', '.join(on_device)}): it changes each image after the teacher's logits were cached for it. "
-                "Turn it off (0) for offline distillation, or distil online (remove the TeacherCache callback).")
+                f"{type(self).__name__}: a teacher cache cannot be used with noise added on the device "
+                f"(noise_std={self.noise_std}): it changes each image after the teacher's logits were cached for it. "
+                "Turn it off (0) for offline distillation, or distil online (remove the TeacherCache callback). "
+                "(MixUp/CutMix are fine: the cache's views are mixed per sample.)")
 
     def attach_teacher_cache(self, store: Any, cache_seed: int = 0, views: int = 1) -> None:
         """Serve training batches as ``(images, targets, index, teacher_logits)`` from ``store``
@@ -289,6 +304,8 @@ class ClassificationDataModule(LightningDataModule):
         epoch = trainer.current_epoch
         self.train_progress.count(epoch, trainer.is_last_batch)
         if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.noise_std == 0:
+            return batch
+        if self._teacher_cache is not None:  # the cached views come mixed (per sample, replayed); noise is refused
             return batch
         typed = as_batch(batch)
         x, y = typed.images, typed.targets
