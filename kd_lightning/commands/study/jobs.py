@@ -13,7 +13,7 @@ from anywhere while jobs run:
 A finished run is never deleted: a folder that holds another run (its settings changed, or ``--retrain``) is set
 aside under a name that says so, and the study says where.
 
-    python -m kd_lightning.commands.study.jobs <run folder>/job.json      # how local and SLURM jobs start
+    python -m kd_lightning.commands.study.worker <run folder>/job.json    # how local and SLURM jobs start
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def worker(requests: Any, replies: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kd_lightning.commands.study.jobs <job.json>``: one job as its own process (exit status 0 when it
+    """``python -m kd_lightning.commands.study.worker <job.json>``: one job as its own process (exit status 0 when it
     finished, 143 when it was stopped, 1 when it failed); ``--worker``: a local launcher's worker (:func:`worker`)."""
     args = sys.argv[1:] if argv is None else argv
     if args == ["--worker"]:

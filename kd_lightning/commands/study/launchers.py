@@ -106,7 +106,7 @@ class SerialLauncher(Launcher):
 
 
 class LocalLauncher(Launcher):
-    """Up to ``jobs`` jobs at once, in as many worker processes (``python -m kd_lightning.commands.study.jobs
+    """Up to ``jobs`` jobs at once, in as many worker processes (``python -m kd_lightning.commands.study.worker
     --worker``: each imports torch once and runs the jobs it is given one after another), each with its share of
     the CPU threads; a student starts when its teacher has finished; a job whose teacher failed is blocked. Each
     job's output goes to its run.log."""
@@ -119,7 +119,7 @@ class LocalLauncher(Launcher):
 
     def _worker(self) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
-        return subprocess.Popen([sys.executable, "-m", "kd_lightning.commands.study.jobs", "--worker"],
+        return subprocess.Popen([sys.executable, "-m", "kd_lightning.commands.study.worker", "--worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
                                 start_new_session=True)
 
