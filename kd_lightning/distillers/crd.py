@@ -206,7 +206,8 @@ class CRD(DistillationTerm):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, embed_dim={self.embed_dim}, negatives={self.negatives}, "
-                f"nce_temperature={self.nce_temperature}, momentum={self.momentum}, rows={self.memory_student.shape[0]}")
+                f"nce_temperature={self.nce_temperature}, momentum={self.momentum}, "
+                f"rows={self.memory_student.shape[0]}")
 
 
 __all__ = ["CRD"]
