@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -92,6 +93,7 @@ def main() -> None:
     if "kd" not in files:
         files = {"kd": folder / "kd.yaml", **files}
     built = {name: build(folder, path, device, args.train_rows, args.image_size) for name, path in files.items()}
+    print(f"{len(built)} methods built", file=sys.stderr, flush=True)
     num_classes = built["kd"][0].num_classes
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device),
@@ -101,9 +103,10 @@ def main() -> None:
     for module, optimizer in built.values():  # warm-up (and CRD's normalising constants)
         run_steps(module, optimizer, batches[:2])
     times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for name, (module, optimizer) in built.items():
             times[name].append(run_steps(module, optimizer, batches))
+        print(f"round {round_ + 1}/{args.rounds} timed", file=sys.stderr, flush=True)
     print(f"device {device}, batch {args.batch_size}, {args.image_size} px, {args.steps} steps x {args.rounds} "
           f"rounds, threads {torch.get_num_threads()}; folder {folder}")
     print(f"{'method':<12} {'ms/step':>8} {'x Hinton KD':>12} {'trained extra':>14} {'buffers':>10}")
