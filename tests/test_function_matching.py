@@ -28,6 +28,7 @@ from kd_lightning.data.teacher_cache import (
     view_seed,
 )
 from kd_lightning.labels import UNLABELLED, labelled_mask
+from test_teacher_cache import info, messages  # noqa: F401 - the callback's messages (a fixture and its reader)
 
 MIXES = {"mixup": dict(mixup_alpha=1.0), "cutmix": dict(cutmix_alpha=1.0),
          "both": dict(mixup_alpha=0.4, cutmix_alpha=1.0)}
@@ -108,37 +109,22 @@ def test_cached_logits_are_the_teachers_on_the_very_mixed_images_the_student_get
         torch.testing.assert_close(store.logits(row, view_of_epoch(0, row, 0, 2)), logits)
 
 
-@pytest.fixture
-def info(monkeypatch) -> list[str]:
-    import kd_lightning.callbacks.teacher_cache as under_test
-
-    seen: list[str] = []
-    monkeypatch.setattr(under_test, "rank_zero_info", lambda msg, *a, **k: seen.append(str(msg)))
-    return seen
-
-
-def last(seen: list[str]) -> str:
-    text = "\n".join(seen)
-    seen.clear()
-    return text
-
-
 def test_a_cache_built_for_other_mixing_settings_is_rebuilt_with_the_reason(tmp_path, folder, info):
     cache = tmp_path / "cache"
     fit(tmp_path, datamodule(folder), cache, max_steps=1)  # no mixing: the fingerprint has no mixing part
-    assert "building" in last(info)
+    assert "building" in messages(info)
     assert "mixing" not in TeacherLogitsStore(cache).manifest["parts"]
     fit(tmp_path, datamodule(folder, mixup_alpha=1.0), cache, max_steps=1)  # mixing turned on
-    assert "because it was built for a different mixing" in last(info)
+    assert "because it was built for a different mixing" in messages(info)
     assert TeacherLogitsStore(cache).manifest["parts"]["mixing"].startswith("mixup_alpha=1.0, cutmix_alpha=0.0")
     fit(tmp_path, datamodule(folder, mixup_alpha=1.0), cache, max_steps=1)
-    assert "using the cached teacher logits" in last(info)
+    assert "using the cached teacher logits" in messages(info)
     fit(tmp_path, datamodule(folder, mixup_alpha=0.5), cache, max_steps=1)  # alpha changed
-    assert "because it was built for a different mixing" in last(info)
+    assert "because it was built for a different mixing" in messages(info)
     fit(tmp_path, datamodule(folder, mixup_alpha=0.5, cutmix_alpha=1.0), cache, max_steps=1)  # CutMix added
-    assert "because it was built for a different mixing" in last(info)
+    assert "because it was built for a different mixing" in messages(info)
     fit(tmp_path, datamodule(folder), cache, max_steps=1)  # mixing turned off again
-    assert "because it was built for a different mixing" in last(info)
+    assert "because it was built for a different mixing" in messages(info)
     assert "mixing" not in TeacherLogitsStore(cache).manifest["parts"]
     # noise on the device still changes the image after the teacher saw it: refused with a cache
     with pytest.raises(ValueError, match="noise_std=0.1"):

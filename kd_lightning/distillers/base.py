@@ -46,6 +46,14 @@ def _check_layers(layers: Sequence[str] | str | None, what: str) -> tuple[str, .
     return layers
 
 
+def check_layer_pairs(term: str, student_layers: Sequence[str], teacher_layers: Sequence[object]) -> None:
+    """A clear error unless a term's student and teacher layers are non-empty lists of the same length (the pairs
+    a feature term compares one by one)."""
+    if len(student_layers) != len(teacher_layers) or not student_layers:
+        raise ValueError(f"{term}: student_layers {list(student_layers)} and teacher_layers {list(teacher_layers)} "
+                         "must be non-empty lists of the same length (pairs), e.g. [stages.1, stages.2] for both.")
+
+
 class DistillationTerm(nn.Module):
     """Base class of a loss term: a ``weight`` >= 0, a ``name`` (the log key ``loss_<name>``) and the layers it
     taps. Subclasses implement ``forward(out: StepOutputs) -> dict[str, Tensor]``."""
@@ -101,4 +109,4 @@ class DistillationTerm(nn.Module):
         return f"name={self.name!r}, weight={self.weight}"
 
 
-__all__ = ["DistillationTerm", "StepOutputs"]
+__all__ = ["DistillationTerm", "StepOutputs", "check_layer_pairs"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.distillers.base import DistillationTerm, StepOutputs
+from kd_lightning.distillers.base import DistillationTerm, StepOutputs, check_layer_pairs
 from kd_lightning.losses import (
     attention_transfer_loss,
     channel_normalize,
@@ -95,9 +95,7 @@ class AttentionTransfer(DistillationTerm):
     def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], weight: float = 1000.0,
                  p: float = 2.0, normalize: bool = False, name: str | None = None) -> None:
         super().__init__(weight, name, student_layers, teacher_layers)
-        if len(self.student_layers) != len(self.teacher_layers) or not self.student_layers:
-            raise ValueError(f"AttentionTransfer: student_layers {list(self.student_layers)} and teacher_layers "
-                             f"{list(self.teacher_layers)} must be non-empty lists of the same length (pairs).")
+        check_layer_pairs("AttentionTransfer", self.student_layers, self.teacher_layers)
         if p <= 0:
             raise ValueError(f"AttentionTransfer: p must be > 0, got {p}.")
         self.p, self.normalize = float(p), normalize
@@ -124,13 +122,6 @@ def _as_map(features: Tensor, term: str, layer: str) -> Tensor:
     return features
 
 
-def _check_pairs(term: str, student_layers: Sequence[str], teacher_layers: Sequence[str]) -> None:
-    if len(student_layers) != len(teacher_layers) or not student_layers:
-        raise ValueError(f"{term}: student_layers {list(student_layers)} and teacher_layers {list(teacher_layers)} "
-                         "must be non-empty lists of the same length (pairs), e.g. [stages.0, stages.1, stages.2] "
-                         "for both.")
-
-
 class VID(DistillationTerm):
     """Variational information distillation (Ahn et al., CVPR 2019; :func:`kd_lightning.losses.vid_loss`), summed
     over the layer pairs ``zip(student_layers, teacher_layers)``. For each pair a regressor conv1x1-ReLU-conv1x1-
@@ -147,7 +138,7 @@ class VID(DistillationTerm):
                  init_pred_var: float = 5.0, eps: float = 1e-5, mid_channels: int | None = None,
                  name: str | None = None) -> None:
         super().__init__(weight, name, student_layers, teacher_layers)
-        _check_pairs("VID", self.student_layers, self.teacher_layers)
+        check_layer_pairs("VID", self.student_layers, self.teacher_layers)
         if not eps > 0:
             raise ValueError(f"VID: eps must be > 0 (the variance's floor; the authors' 1e-5), got {eps!r}.")
         if not init_pred_var > eps:
@@ -246,7 +237,7 @@ class ReviewKD(DistillationTerm):
                  warmup: int = 20, max_mid_channels: int = 512, name: str | None = None) -> None:
         groups = _layer_sums(teacher_layers)
         super().__init__(weight, name, student_layers, list(dict.fromkeys(n for g in groups for n in g)))
-        _check_pairs("ReviewKD", self.student_layers, groups)
+        check_layer_pairs("ReviewKD", self.student_layers, groups)
         for what, value in (("warmup", warmup), ("max_mid_channels", max_mid_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if what == "warmup" else 1):
                 raise ValueError(f"ReviewKD: {what} must be an integer >= {0 if what == 'warmup' else 1} (the "

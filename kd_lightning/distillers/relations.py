@@ -14,14 +14,8 @@ from typing import Sequence
 
 from torch import Tensor
 
-from kd_lightning.distillers.base import DistillationTerm, StepOutputs
+from kd_lightning.distillers.base import DistillationTerm, StepOutputs, check_layer_pairs
 from kd_lightning.losses import nst_loss, pkt_loss, rkd_loss, similarity_preserving_loss
-
-
-def _check_pairs(term: str, student_layers: Sequence[str], teacher_layers: Sequence[str]) -> None:
-    if len(student_layers) != len(teacher_layers) or not student_layers:
-        raise ValueError(f"{term}: student_layers {list(student_layers)} and teacher_layers {list(teacher_layers)} "
-                         "must be non-empty lists of the same length (pairs), e.g. [stages.2] and [stages.2].")
 
 
 def _check_single(term: str, layer: object, role: str) -> None:
@@ -41,7 +35,7 @@ class SimilarityPreserving(DistillationTerm):
     def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], weight: float = 3000.0,
                  name: str | None = None) -> None:
         super().__init__(weight, name, student_layers, teacher_layers)
-        _check_pairs("SimilarityPreserving", self.student_layers, self.teacher_layers)
+        check_layer_pairs("SimilarityPreserving", self.student_layers, self.teacher_layers)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         total = None
@@ -115,7 +109,7 @@ class NST(DistillationTerm):
     def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], weight: float = 50.0,
                  name: str | None = None) -> None:
         super().__init__(weight, name, student_layers, teacher_layers)
-        _check_pairs("NST", self.student_layers, self.teacher_layers)
+        check_layer_pairs("NST", self.student_layers, self.teacher_layers)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         total = None
