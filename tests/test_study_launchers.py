@@ -63,6 +63,50 @@ def test_local_launcher_runs_two_at_once_teachers_first_with_the_serial_results(
         (local / "kd_student" / "seed_0" / "run.log").stat().st_size > 0  # each job's output in its folder
 
 
+def _processes_in(folder: Path) -> list[int]:
+    """Pids of this user's processes whose working directory is ``folder`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_study_stopped_by_sigterm_stops_its_local_jobs_which_save_their_state(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    study = write_study(tmp_path / "study.yaml", overrides={"trainer.max_epochs": 5000},  # far longer than the test
+                        runs={"teacher": {"configs": [str(DIGITS / "teacher.yaml")]}})
+    command = [sys.executable, "-m", "kd_lightning", "study", str(study), "--out", "out", "--launcher", "local",
+               "--jobs", "1"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    status = tmp_path / "out" / "teacher" / "seed_0" / STATUS_FILE
+    deadline = time.time() + 120
+    while time.time() < deadline and not (status.is_file() and json.loads(status.read_text()).get("step", 0) > 0):
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)  # as `kill`, a scheduler or a closed session stops the study
+    launcher.communicate(timeout=120)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and _processes_in(tmp_path):
+            time.sleep(0.2)
+        assert not _processes_in(tmp_path), "the study's job kept training after the study was stopped"
+    finally:
+        for pid in _processes_in(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+    # the job stopped as a stopped run does: its state saved (a new start resumes it: see test_study.py)
+    run = tmp_path / "out" / "teacher" / "seed_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and "Received SIGTERM" in (run / "run.log").read_text()
+
+
 @pytest.mark.slow
 def test_a_failed_teacher_blocks_its_students_and_a_new_start_runs_only_what_is_not_done(tmp_path, capsys,
                                                                                           tests_on_pythonpath):

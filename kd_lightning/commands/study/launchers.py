@@ -138,6 +138,7 @@ class LocalLauncher(Launcher):
         def elapsed() -> str:
             return f"[{time.perf_counter() - start:6.1f}s]"
 
+        previous_handler = stop_jobs_on_sigterm()
         try:
             with ProgressPrinter(log, lambda: progress_line(list(busy.values()), len(done), len(planned), start)):
                 while pending or busy:
@@ -183,6 +184,8 @@ class LocalLauncher(Launcher):
             for process in idle:
                 process.stdin.close()
                 process.wait()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if failed:
             raise StudyError(f"{len(failed)} of {len(planned)} runs did not finish: "
                              + "; ".join(f"{t}: {w}" for t, w in failed.items())
@@ -194,7 +197,11 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def stop_jobs_on_sigterm() -> None:
-    """The launching process, stopped by SIGTERM, stops its jobs as Ctrl-C does (they save and exit)."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+def stop_jobs_on_sigterm() -> Any:
+    """The launching process, stopped by SIGTERM (``kill``, a scheduler), stops its jobs as Ctrl-C does (they save
+    and exit) instead of dying and leaving them training. Returns the handler it replaced (None where signals
+    cannot be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
