@@ -46,6 +46,12 @@ def _check_layers(layers: Sequence[str] | str | None, what: str) -> tuple[str, .
     return layers
 
 
+def linear_warmup(epoch: int, epochs: int) -> float:
+    """The loss-weight warm-up of DKD and ReviewKD: ``min((epoch + 1) / epochs, 1)``, epochs counted from 1 as in
+    the authors' code (``epoch`` from 0, as :attr:`StepOutputs.epoch`); ``epochs = 0``: 1 from the start."""
+    return 1.0 if epochs == 0 else min((epoch + 1) / epochs, 1.0)
+
+
 def check_layer_pairs(term: str, student_layers: Sequence[str], teacher_layers: Sequence[object]) -> None:
     """A clear error unless a term's student and teacher layers are non-empty lists of the same length (the pairs
     a feature term compares one by one)."""
@@ -109,4 +115,4 @@ class DistillationTerm(nn.Module):
         return f"name={self.name!r}, weight={self.weight}"
 
 
-__all__ = ["DistillationTerm", "StepOutputs", "check_layer_pairs"]
+__all__ = ["DistillationTerm", "StepOutputs", "check_layer_pairs", "linear_warmup"]

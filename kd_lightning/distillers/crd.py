@@ -159,7 +159,11 @@ class CRD(DistillationTerm):
             raise RuntimeError(f"CRD {self.name!r}: bind_train_rows(labels) must run before training (the module's "
                                "setup does it from the DataModule).")
         order, starts, counts = self._pools
-        labels = self.row_labels.cpu()[index.cpu()]  # (G,)
+        rows = index.cpu()  # the draws are made on the CPU: one copy, which also checks the indices
+        if int(rows.max()) >= order.numel():
+            raise ValueError(f"CRD {self.name!r}: a batch holds dataset index {int(rows.max())}, but the memory "
+                             f"bank has {order.numel()} rows: bind_train_rows(labels of every training row) first.")
+        labels = self.row_labels.cpu()[rows]  # (G,)
         own = labels != UNLABELLED
         size = torch.where(own, counts[labels.clamp(min=0)], 0)  # (G,) rows of the anchor's class
         start = torch.where(own, starts[labels.clamp(min=0)], order.numel())  # (G,)
@@ -180,9 +184,9 @@ class CRD(DistillationTerm):
                              "data.init_args.return_index: true.")
         n = self.memory_student.shape[0]
         index = out.index.long()  # (B,)
-        if n == 0 or int(index.max()) >= n:
-            raise ValueError(f"CRD {self.name!r}: a batch holds dataset index {int(index.max())}, but the memory "
-                             f"bank has {n} rows: bind_train_rows(labels of every training row) first.")
+        if n == 0:
+            raise ValueError(f"CRD {self.name!r}: the memory bank is empty: bind_train_rows(labels of every training "
+                             "row) first (the module's setup does it from the DataModule).")
         f_s = self.embed_student(out.student_features[self.student_layers[0]])  # (B, D)
         f_t = self.embed_teacher(out.teacher_features[self.teacher_layers[0]].float())  # (B, D)
         world, rank = _world()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.distillers.base import DistillationTerm, StepOutputs, check_layer_pairs
+from kd_lightning.distillers.base import DistillationTerm, StepOutputs, check_layer_pairs, linear_warmup
 from kd_lightning.losses import (
     attention_transfer_loss,
     channel_normalize,
@@ -267,7 +267,7 @@ class ReviewKD(DistillationTerm):
         self.built = True
 
     def warmup_factor(self, epoch: int) -> float:
-        return 1.0 if self.warmup == 0 else min((epoch + 1) / self.warmup, 1.0)
+        return linear_warmup(epoch, self.warmup)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         if not self.built:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.distillers.base import DistillationTerm, StepOutputs
+from kd_lightning.distillers.base import DistillationTerm, StepOutputs, linear_warmup
 from kd_lightning.losses import (
     cosine_curriculum,
     ctkd_temperature,
@@ -102,7 +102,7 @@ class DKD(DistillationTerm):
         self.standardize = _check_standardize("DKD", standardize)
 
     def warmup_factor(self, epoch: int) -> float:
-        return 1.0 if self.warmup == 0 else min((epoch + 1) / self.warmup, 1.0)
+        return linear_warmup(epoch, self.warmup)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         student, teacher = out.student_logits, out.teacher_logits[0]
