@@ -78,7 +78,7 @@ def _processes_in(folder: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_a_study_stopped_by_sigterm_stops_its_local_jobs_which_save_their_state(tmp_path):
+def test_a_study_stopped_by_sigterm_stops_its_local_jobs_which_save_their_state(tmp_path, capsys):
     import signal
     import subprocess
     import time
@@ -102,9 +102,15 @@ def test_a_study_stopped_by_sigterm_stops_its_local_jobs_which_save_their_state(
     finally:
         for pid in _processes_in(tmp_path):
             os.kill(pid, signal.SIGKILL)
-    # the job stopped as a stopped run does: its state saved (a new start resumes it: see test_study.py)
+    # the job stopped as a stopped run does: its state saved at the step it stopped (not only at the last epoch's
+    # end), and not marked failed (a new start resumes it: see test_study.py)
     run = tmp_path / "out" / "teacher" / "seed_0"
-    assert (run / "checkpoints" / "last.ckpt").is_file() and "Received SIGTERM" in (run / "run.log").read_text()
+    log = (run / "run.log").read_text()
+    assert "Received SIGTERM" in log and "Stopped by a signal at step" in log, log[-2000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / FAILED_FILE).exists()
+    main([str(study), "--out", str(tmp_path / "out"), "--status"])
+    status = capsys.readouterr().out
+    assert "seed 0 teacher" in status and "failed" not in status, status
 
 
 @pytest.mark.slow

@@ -296,6 +296,14 @@ def run_job_file(job_file: str | Path) -> tuple[RunResult, str]:
         return execute(from_record(record), retrain=bool(record.get("retrain")))
 
 
+def stop_worker(signum: int, frame: Any) -> None:
+    """A local worker's SIGTERM handler: outside a fit, stop now (KeyboardInterrupt). Inside a fit, Lightning's
+    handler, which calls this one after its own, stops the run at the next batch boundary and LastCheckpoint saves
+    it there with exit status 143; raising here would cut that short (the run would exit 1, unsaved)."""
+    if signal.getsignal(signal.SIGTERM) is stop_worker:
+        raise KeyboardInterrupt
+
+
 def worker(requests: Any, replies: Any) -> None:
     """A local worker process: runs the job files it reads, one per line, one after another in this process (torch
     and Lightning imported once), and answers each with ``<job file>\t<status>`` (0: finished, 1: failed; a stop
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)
-        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, stop_worker)
         worker(sys.stdin, replies)
         return
     result, how = run_job_file(args[0])
