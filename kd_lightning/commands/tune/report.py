@@ -92,13 +92,34 @@ def summary(study: Any, job: TuneJob) -> str:
     return text + "."
 
 
-def best_overlay(job: TuneJob, params: dict[str, Any]) -> dict[str, Any]:
+def _walk(config: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def best_overlay(job: TuneJob, params: dict[str, Any], resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config overlay of the best trial: the search's own overrides, its seed and teacher, and the settings
-    found, nested (the form ``--config`` merges)."""
+    found, nested (the form ``--config`` merges). A config file replaces a dict-typed argument (``terms``,
+    ``student_kwargs``: a mapping right under ``init_args``) as a whole, where a dotted key on the command line
+    changes one entry: such an argument is written whole, from the trial's ``resolved`` config, so the overlay
+    gives the trial's config exactly."""
     own = {k: v for k, v in job.overrides.items() if k != "threads"}  # a speed setting, not the run's
     values: dict[str, Any] = {"seed_everything": job.seed, **own, **params}
     if job.teacher:
         values.update({"teacher_run": None, "model.init_args.teacher_checkpoint": job.teacher})
+    if resolved is not None:
+        for key in list(values):
+            parts = key.split(".")
+            for i in range(1, len(parts) - 1):
+                whole = _walk(resolved, parts[:i + 1])
+                if parts[i - 1] == "init_args" and isinstance(whole, dict):
+                    prefix = ".".join(parts[:i + 1])
+                    values = {k: v for k, v in values.items() if not (k == prefix or k.startswith(prefix + "."))}
+                    values[prefix] = whole
+                    break
     return nested(values)
 
 
@@ -111,7 +132,9 @@ def write_best(job: TuneJob, study: Any) -> Path | None:
     header = (f"# The best settings of {job.title!r}: trial {best.number} of {job.tune.trials}, "
               f"{job.tune.metric} {best.value:.6f} (best over its validations; seed {job.seed}).\n"
               f"# Reproduce it: kd-lightning fit {configs} --config {path}\n")
-    path.write_text(header + yaml.safe_dump(best_overlay(job, dict(best.params)), sort_keys=False))
+    config = Path(best.user_attrs.get("folder", "")) / "config.yaml"
+    resolved = yaml.safe_load(config.read_text()) if config.is_file() else None
+    path.write_text(header + yaml.safe_dump(best_overlay(job, dict(best.params), resolved), sort_keys=False))
     return path
 
 

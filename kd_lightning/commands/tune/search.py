@@ -123,6 +123,11 @@ def counted(trials: list[Any]) -> list[Any]:
     return [t for t in trials if outcome(t) not in ("stopped", "over_budget")]
 
 
+def spent(study: Any) -> list[Any]:
+    """The trials that have spent the budget so far: counted, and running or finished (not those queued)."""
+    return [t for t in counted(study.get_trials(deepcopy=False)) if outcome(t) != "waiting"]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -221,12 +226,12 @@ def work(job: TuneJob, worker: int = 0, here: bool = True, log: Any = None) -> i
     study = load_study(job, worker)
     while True:
         retry_stopped(study, job, here)
-        if len(counted(study.get_trials(deepcopy=False))) >= spec.trials:
+        if len(spent(study)) >= spec.trials:
             return ran
         if spec.timeout is not None and time.time() - start >= spec.timeout:
             return ran
-        trial = study.ask()
-        ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+        trial = study.ask()  # the first queued trial (the run's own settings, a stopped one), else TPE's
+        ahead = [t for t in spent(study) if t.number < trial.number]
         if len(ahead) >= spec.trials:  # another worker took the last trial of the budget first
             trial.set_user_attr("outcome", "over_budget")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
