@@ -250,3 +250,56 @@ def test_a_folder_holding_another_search_is_refused_not_mixed(tmp_path, teacher,
     other = TuneJob(**{**job.to_dict(), "args": job.args + ["--optim.lr=0.1"]})
     with pytest.raises(ValueError, match="with other settings"):
         load_study(other, create=True)
+
+
+# -- a tune: block in a study ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_study_tunes_a_run_on_its_first_seed_then_trains_every_seed_with_the_best_settings(tmp_path, capsys):
+    from test_study import write_study
+
+    from kd_lightning.commands.study import main as study_main
+
+    tune = {"trials": 3, "pruner": "none",
+            "space": {TEMPERATURE: {"type": "float", "low": 1.0, "high": 16.0, "log": True}}}
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")], "once": True},
+            "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher", "tune": tune}}
+    study = write_study(tmp_path / "study.yaml", seeds=[0, 1], runs=runs)
+    out = tmp_path / "out"
+    study_main([str(study), "--out", str(out)])
+    search = storage_study_named(out / "kd_student" / "tune", "kd_student")
+    trials = search.get_trials()
+    assert len(trials) == 3 and all(outcome(t) == "complete" for t in trials)
+    best = search.best_params[TEMPERATURE]
+    for seed in (0, 1):  # every seed trained with the settings found on seed 0's validation
+        config = yaml.safe_load((out / "kd_student" / f"seed_{seed}" / "config.yaml").read_text())
+        assert config["model"]["init_args"]["terms"]["kd"]["init_args"]["temperature"] == best
+    assert all(t.user_attrs["folder"].startswith(str((out / "kd_student" / "tune").resolve())) for t in trials)
+    results = (out / "results.md").read_text()
+    assert "Tuned on validation" in results and "3 of 3 trials (3 complete)" in results and "seed 0" in results
+    # started again: nothing searched or trained again
+    capsys.readouterr()
+    study_main([str(study), "--out", str(out)])
+    assert len(storage_study_named(out / "kd_student" / "tune", "kd_student").get_trials()) == 3
+    assert "searching" not in capsys.readouterr().out
+
+
+def storage_study_named(folder: Path, name: str):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder.resolve() / 'optuna.db'}")
+
+
+def test_a_bad_space_in_a_study_fails_before_anything_trains(tmp_path, capsys):
+    from test_study import write_study
+
+    from kd_lightning.commands.study import main as study_main
+
+    tune = {"trials": 3, "space": {"model.init_args.terms.kd.init_args.temprature":
+                                   {"type": "float", "low": 1.0, "high": 16.0}}}
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")], "once": True},
+            "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher", "tune": tune}}
+    study = write_study(tmp_path / "study.yaml", runs=runs)
+    with pytest.raises(SystemExit) as exit_status:
+        study_main([str(study), "--out", str(tmp_path / "out")])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "temprature" in error[0], error
+    assert not (tmp_path / "out").exists()

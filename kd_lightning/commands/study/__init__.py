@@ -129,6 +129,10 @@ def show_status(spec: StudySpec, out: Path, report: bool) -> list[dict[str, Any]
     planned = plan(spec, out)
     states = study_states(planned)
     print(f"{spec.title}: {out}\n{status_table(states)}")
+    if any(run.tune is not None for run in spec.runs):
+        from kd_lightning.commands.study.tuning import search_status
+
+        print(search_status(spec, out))
     missing = [s.run.title for s in states if s.state != "done"]
     done = [s.result for s in states if s.result is not None]
     if done and (not missing or report):

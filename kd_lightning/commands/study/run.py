@@ -28,6 +28,18 @@ def run_study(spec: StudySpec, out: str | Path, launcher: Launcher | None = None
     if unknown:
         raise StudyError(f"--retrain names {unknown}, which are not runs of this study "
                          f"({', '.join(r.name for r in spec.runs)}).")
+    if any(run.tune is not None for run in spec.runs):
+        from kd_lightning.commands.study.tuning import check_tunes, tuned_spec
+
+        check_tunes(spec, out, launcher.trains_here)  # every space, before anything trains
+        tuned = tuned_spec(spec, out, launcher, log)
+        if tuned is None:
+            log("Teachers or searches run on elsewhere: start the study again once they have finished "
+                "(--status says where they stand).")
+            return None
+        spec, planned = tuned, plan(tuned, out)
+        for run in planned:
+            run.config_hash = check_and_hash(run, trains_here=launcher.trains_here)
     results = launcher.run(planned, log, retrain=set(retrain))
     if results is None:
         return None
@@ -48,5 +60,10 @@ def write_study_results(spec: StudySpec, out: Path, planned: Sequence[PlannedRun
     study = {"file": str(spec.path), "seeds": list(spec.seeds), "missing": list(missing),
              "runs": {run.title: {"folder": str(run.folder), "args": run.args} for run in planned}}
     write_results(out, spec.title, rows, results, curves, study)
+    if any(run.tune is not None for run in spec.runs):
+        from kd_lightning.commands.study.tuning import tuning_notes
+
+        with open(out / "results.md", "a") as handle:
+            handle.write(tuning_notes(spec, out))
     plot_results(out / "results.png", spec.title, rows, curves, spec.x_label)
     return rows

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 STUDY_KEYS = ("title", "base", "seeds", "overrides", "runs", "x_label", "resources")
-RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group", "x", "resources")
+RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group", "x", "resources", "tune")
 # what a SLURM job of a run asks for (kd_lightning.commands.study.slurm): study-wide, per run, --resource KEY=VALUE
 RESOURCE_KEYS = ("gpus", "cpus", "mem", "time", "partition", "account", "qos", "constraint", "sbatch", "setup")
 SEED_PLACEHOLDER = "${seed}"
@@ -40,6 +40,7 @@ class RunSpec:
     group: str = ""
     x: float | None = None
     resources: dict[str, Any] = field(default_factory=dict)
+    tune: Any = None  # a TuneSpec (kd_lightning.commands.tune.spec): searched on validation with the first seed
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,12 @@ def parse_study(data: Any, path: Path) -> StudySpec:
         x = run.get("x")
         if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
             raise StudyError(f"{run_where}: 'x' must be a number (e.g. the % of labels), got {x!r}.")
-        runs.append(RunSpec(name=name, configs=_config_paths(run.get("configs", []), run_where, folder),
+        tune = None
+        if run.get("tune") is not None:
+            from kd_lightning.commands.tune.spec import parse_tune
+
+            tune = parse_tune(run["tune"], f"{run_where}: tune")
+        runs.append(RunSpec(name=name, configs=_config_paths(run.get("configs", []), run_where, folder), tune=tune,
                             overrides=_overrides(run.get("overrides"), f"{run_where}: overrides"),
                             teacher=teacher, once=run.get("once", False), label=str(run.get("label", "")),
                             group=str(run.get("group", "")), x=None if x is None else float(x),

@@ -183,7 +183,7 @@ class TuneJob:
     def trial_args(self, folder: Path, params: dict[str, Any]) -> list[str]:
         """kd-lightning ``fit`` arguments of the trial that writes to ``folder`` (``<out>/trials/trial_<n>``, the
         run ``trials``, log version ``trial_<n>``) with ``params``."""
-        return [*self.args, *(f"--{k}={_cli_value(v)}" for k, v in params.items()),
+        return [*self.args, *(f"--{k}={_cli_value(v)}" for k, v in params.items()), f"--name={folder.parent.name}",
                 f"--trainer.logger.init_args.save_dir={folder.parent.parent}",
                 f"--trainer.logger.init_args.name={folder.parent.name}",
                 f"--trainer.logger.init_args.version={folder.name}", f"--checkpoint.dirpath={folder / 'checkpoints'}"]
