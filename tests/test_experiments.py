@@ -31,8 +31,10 @@ def _is_run_file(path: Path) -> bool:
 
 
 def _is_study_file(path: Path) -> bool:
-    """A study (``kd-lightning study``) lists runs of other configs; tests/test_study.py checks those."""
-    return "runs" in (yaml.safe_load(path.read_text()) or {})
+    """A study (``kd-lightning study``) lists runs of other configs, a tune file (``kd-lightning tune``) searches
+    one; tests/test_study.py and tests/test_tune.py check those."""
+    data = yaml.safe_load(path.read_text()) or {}
+    return "runs" in data or "tune" in data
 
 
 def _config_files() -> list[Path]:

@@ -373,4 +373,8 @@ def test_the_repository_studies_are_valid(tmp_path, path):
     assert len(plan(spec, tmp_path / "out")) >= len(spec.runs)  # every seed plans
     for run in plan(replace(spec, seeds=spec.seeds[:1]), tmp_path / "out"):
         run.config_hash = check_and_hash(run)  # parses and builds the run, writes nothing
+    if any(run.tune is not None for run in spec.runs):  # every search's space names keys the run has
+        from kd_lightning.commands.study.tuning import check_tunes
+
+        check_tunes(replace(spec, seeds=spec.seeds[:1]), tmp_path / "out", trains_here=True)
     assert not (tmp_path / "out").exists()

@@ -303,3 +303,24 @@ def test_a_bad_space_in_a_study_fails_before_anything_trains(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "temprature" in error[0], error
     assert not (tmp_path / "out").exists()
+
+
+TUNE_FILES = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "tune" in (yaml.safe_load(p.read_text()) or {}))
+
+
+def test_the_repository_has_its_tune_files():
+    assert {p.relative_to(ROOT / "experiments").as_posix() for p in TUNE_FILES} >= {"digits/tune.yaml"}
+
+
+@pytest.mark.parametrize("path", TUNE_FILES, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_the_repository_tune_files_are_valid(tmp_path, path):
+    """Every tune file under experiments/ parses, and its run builds with every key of its space (a teacher not
+    trained yet: the run's own, untrained); nothing is written."""
+    from kd_lightning.commands.tune import check_job, load_tune_file, make_job
+
+    title, configs, overrides, seed, teacher, spec, _ = load_tune_file(path, {})
+    job = make_job(title, configs, overrides, seed, teacher, spec, tmp_path / "out", None, "serial", path.stem)
+    job.args += ["--teacher_run=null"]
+    start = check_job(job)
+    assert start is not None and set(start) == set(spec.space)  # the run's own settings lie in the space
+    assert not (tmp_path / "out").exists()

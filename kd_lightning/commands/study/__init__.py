@@ -57,6 +57,7 @@ from kd_lightning.commands.study.report import to_markdown
 from kd_lightning.commands.study.run import run_study, write_study_results
 from kd_lightning.commands.study.spec import RESOURCE_KEYS, StudyError, StudySpec, load_study, with_overrides
 from kd_lightning.commands.study.status import status_table, study_states
+from kd_lightning.commands.tune.space import TuneError
 
 
 # -- command line -----------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def add_study_options(parser: argparse.ArgumentParser, default_out: str, default
                              "not deleted), and their students")
 
 
-def _parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
     values = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -105,7 +106,7 @@ def _parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
 
 def make_launcher(options: argparse.Namespace, spec: StudySpec, out: Path) -> Launcher:
     """The launcher the options ask for, checked (submitit installed, sbatch found, resources known)."""
-    resources = _parse_pairs(options.resources, "--resource")
+    resources = parse_pairs(options.resources, "--resource")
     unknown = [k for k in resources if k not in RESOURCE_KEYS]
     if unknown:
         raise StudyError(f"--resource: unknown resource key {', '.join(map(repr, unknown))} "
@@ -152,7 +153,7 @@ def run_from_options(study_file: str | Path, options: argparse.Namespace, defaul
             if len(set(options.seeds)) != len(options.seeds):
                 raise StudyError(f"--seeds must be distinct, got {options.seeds}.")
             spec = replace(spec, seeds=tuple(options.seeds))
-        sets = _parse_pairs(options.overrides, "--set")
+        sets = parse_pairs(options.overrides, "--set")
         if options.verbose:
             sets = {"trainer.enable_progress_bar": True, "trainer.enable_model_summary": True, **sets}
         out = Path(options.out or default_out)
@@ -168,7 +169,7 @@ def run_from_options(study_file: str | Path, options: argparse.Namespace, defaul
         start = time.perf_counter()
         with contextlib.nullcontext() if options.verbose else quiet_lightning():
             rows = run_study(spec, out, launcher, retrain=options.retrain)
-    except StudyError as err:
+    except (StudyError, TuneError) as err:  # TuneError: a run's search (kd_lightning.commands.tune)
         exit_with_error(err)
     if rows is None:  # the jobs run on elsewhere (SLURM)
         return []

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from kd_lightning.commands.tune.space import TuneError, parse_tune
+
 STUDY_KEYS = ("title", "base", "seeds", "overrides", "runs", "x_label", "resources")
 RUN_KEYS = ("configs", "overrides", "teacher", "once", "label", "group", "x", "resources", "tune")
 # what a SLURM job of a run asks for (kd_lightning.commands.study.slurm): study-wide, per run, --resource KEY=VALUE
@@ -40,7 +42,7 @@ class RunSpec:
     group: str = ""
     x: float | None = None
     resources: dict[str, Any] = field(default_factory=dict)
-    tune: Any = None  # a TuneSpec (kd_lightning.commands.tune.spec): searched on validation with the first seed
+    tune: Any = None  # a TuneSpec (kd_lightning.commands.tune.space): searched on validation with the first seed
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,10 @@ def parse_study(data: Any, path: Path) -> StudySpec:
         x = run.get("x")
         if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
             raise StudyError(f"{run_where}: 'x' must be a number (e.g. the % of labels), got {x!r}.")
-        tune = None
-        if run.get("tune") is not None:
-            from kd_lightning.commands.tune.spec import parse_tune
-
-            tune = parse_tune(run["tune"], f"{run_where}: tune")
+        try:
+            tune = None if run.get("tune") is None else parse_tune(run["tune"], f"{run_where}: tune", OWNED_KEYS)
+        except TuneError as err:
+            raise StudyError(str(err)) from None
         runs.append(RunSpec(name=name, configs=_config_paths(run.get("configs", []), run_where, folder), tune=tune,
                             overrides=_overrides(run.get("overrides"), f"{run_where}: overrides"),
                             teacher=teacher, once=run.get("once", False), label=str(run.get("label", "")),

@@ -48,8 +48,9 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from kd_lightning.commands.errors import OneLineArgumentParser, exit_with_error
-from kd_lightning.commands.study.spec import StudyError, _config_paths, _overrides, check_resources
-from kd_lightning.commands.tune.spec import TuneError, TuneJob, TuneSpec, parse_tune, run_args, teacher_args
+from kd_lightning.commands.study.spec import OWNED_KEYS, StudyError, _config_paths, _overrides, check_resources
+from kd_lightning.commands.tune.space import TuneError, TuneSpec, parse_tune
+from kd_lightning.commands.tune.spec import TuneJob, run_args, teacher_args
 
 TUNE_FILE_KEYS = ("title", "configs", "overrides", "teacher", "seed", "tune", "resources")
 LAUNCHERS = ("serial", "local", "slurm")
@@ -282,7 +283,7 @@ def load_tune_file(path: Path, sets: dict[str, Any]) -> tuple[str, list[Path], d
     overrides = {**_overrides(data.get("overrides"), f"{where}: overrides"), **_overrides(sets, "--set")}
     if "tune" not in data:
         raise TuneError(f"{where}: 'tune' is required: the space and the budget (see kd-lightning tune --help).")
-    spec = parse_tune(data["tune"], f"{where}: tune")
+    spec = parse_tune(data["tune"], f"{where}: tune", OWNED_KEYS)
     return (str(data.get("title") or path.stem), configs, overrides, seed, teacher, spec,
             check_resources(data.get("resources"), where))
 
@@ -309,12 +310,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--status", action="store_true",
                         help="every trial's state, value and settings, read from the storage; writes the report")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from kd_lightning.commands.study import _parse_pairs
+    from kd_lightning.commands.study import parse_pairs
 
     try:
         path = Path(options.tune)
         title, configs, overrides, seed, teacher, spec, resources = load_tune_file(
-            path, _parse_pairs(options.overrides, "--set"))
+            path, parse_pairs(options.overrides, "--set"))
         if options.trials is not None or options.timeout is not None:
             if options.trials is not None and options.trials < 1:
                 raise TuneError(f"--trials must be >= 1, got {options.trials}.")
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 raise TuneError(f"--threads must be >= 1, got {options.threads}.")
             overrides = {**overrides, "threads": options.threads}
         out = Path(options.out or f"logs/{path.parent.name}/{path.stem}")
-        resources = {**resources, **_parse_pairs(options.resources, "--resource")}
+        resources = {**resources, **parse_pairs(options.resources, "--resource")}
         check_resources(resources, "--resource")
         job = make_job(title, configs, overrides, seed, teacher, spec, out, options.storage, options.launcher,
                        name=path.stem, study_name=options.study_name)
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         with quiet_lightning():
             start = check_job(job, trains_here=options.launcher != "slurm")
         report = run_tune(job, start, options.launcher, options.jobs, options.threads, resources, options.dry_run)
-    except StudyError as err:
+    except (StudyError, TuneError) as err:
         exit_with_error(err)
     if report is not None:
         print(f"\n{report['summary']}\n\nWrote {job.folder}/trials.md, trials.csv"

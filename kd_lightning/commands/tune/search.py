@@ -20,7 +20,8 @@ from typing import Any
 
 from kd_lightning.commands.study.jobs import (STATUS_FILE, RunProgress, output_to, quiet_lightning, read_json,
                                              write_json)
-from kd_lightning.commands.tune.spec import TuneError, TuneJob, TuneSpec
+from kd_lightning.commands.tune.space import TuneError, TuneSpec
+from kd_lightning.commands.tune.spec import TuneJob
 
 JOB_FILE = "tune.json"
 STALE_S = 600.0  # a running trial on another machine whose status.json is this old has lost its worker
