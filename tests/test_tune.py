@@ -17,7 +17,7 @@ optuna = pytest.importorskip("optuna")
 
 from kd_lightning.callbacks.optuna_pruning import OptunaPruning  # noqa: E402
 from kd_lightning.commands.cli import cli_main  # noqa: E402
-from kd_lightning.commands.tune import main  # noqa: E402
+from kd_lightning.commands.tune.command import main  # noqa: E402
 from kd_lightning.commands.tune.search import counted, outcome  # noqa: E402
 from kd_lightning.commands.tune.spec import TuneJob  # noqa: E402
 
@@ -87,7 +87,7 @@ def test_a_tiny_tune_beats_a_bad_starting_temperature_and_best_yaml_reproduces_i
 
 @pytest.mark.slow
 def test_a_trial_that_does_badly_early_is_pruned(tmp_path, teacher):
-    from kd_lightning.commands.tune import check_job, load_tune_file, make_job, prepare
+    from kd_lightning.commands.tune.command import check_job, load_tune_file, make_job, prepare
     from kd_lightning.commands.tune.search import work
 
     tune = write_tune(tmp_path / "tune.yaml", teacher, {
@@ -240,7 +240,7 @@ def test_a_bad_space_fails_in_one_line_before_any_trial(tmp_path, teacher, capsy
 
 
 def test_a_folder_holding_another_search_is_refused_not_mixed(tmp_path, teacher, capsys):
-    from kd_lightning.commands.tune import load_tune_file, make_job
+    from kd_lightning.commands.tune.command import load_tune_file, make_job
     from kd_lightning.commands.tune.search import load_study
 
     tune = write_tune(tmp_path / "tune.yaml", teacher, {"trials": 2})
@@ -316,7 +316,7 @@ def test_the_repository_has_its_tune_files():
 def test_the_repository_tune_files_are_valid(tmp_path, path):
     """Every tune file under experiments/ parses, and its run builds with every key of its space (a teacher not
     trained yet: the run's own, untrained); nothing is written."""
-    from kd_lightning.commands.tune import check_job, load_tune_file, make_job
+    from kd_lightning.commands.tune.command import check_job, load_tune_file, make_job
 
     title, configs, overrides, seed, teacher, spec, _ = load_tune_file(path, {})
     job = make_job(title, configs, overrides, seed, teacher, spec, tmp_path / "out", None, "serial", path.stem)

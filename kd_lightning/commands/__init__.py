@@ -18,7 +18,7 @@ LIGHTNING_COMMANDS = {
 # kd-lightning's own commands: name -> (module with a main(argv), what it does)
 COMMANDS = {
     "study": ("kd_lightning.commands.study", "many runs and seeds from one study YAML, with one results table"),
-    "tune": ("kd_lightning.commands.tune", "a hyperparameter search on validation (Optuna), best.yaml and figures"),
+    "tune": ("kd_lightning.commands.tune.command", "a hyperparameter search on validation (Optuna), best.yaml and figures"),
     "quickstart": ("kd_lightning.commands.quickstart", "the digits study: teacher, KD and scratch students (1-2 min)"),
     "evaluate": ("kd_lightning.commands.evaluate", "teacher and students side by side: accuracy, calibration, cost"),
     "export": ("kd_lightning.commands.export", "the student alone as ONNX / TorchScript, checked against PyTorch"),

@@ -45,7 +45,7 @@ def _first_seed_run(planned: Sequence[PlannedRun], spec: StudySpec, run: RunSpec
 
 def check_tunes(spec: StudySpec, out: Path, trains_here: bool) -> None:
     """Every search's space, checked on its run (with an untrained teacher) before anything trains."""
-    from kd_lightning.commands.tune import check_job
+    from kd_lightning.commands.tune.command import check_job
 
     planned = plan(spec, out)
     for run in spec.runs:
@@ -67,7 +67,7 @@ def _teachers(run: PlannedRun) -> list[PlannedRun]:
 def tuned_spec(spec: StudySpec, out: Path, launcher: Launcher, log: Callable[[str], None]) -> StudySpec | None:
     """``spec`` with each tuned run's best settings added to its overrides, searching first where the search has
     not spent its budget; None while teachers or searches run on elsewhere (SLURM: start the study again)."""
-    from kd_lightning.commands.tune import prepare, run_local, run_slurm
+    from kd_lightning.commands.tune.command import prepare, run_local, run_slurm
     from kd_lightning.commands.tune.report import best_trial, summary, write_report
     from kd_lightning.commands.tune.search import load_study, retry_stopped, spent, work
 
