@@ -15,6 +15,8 @@ import yaml
 
 optuna = pytest.importorskip("optuna")
 
+from test_study_launchers import fake_slurm, tests_on_pythonpath  # noqa: E402,F401 - fixtures
+
 from kd_lightning.callbacks.optuna_pruning import OptunaPruning  # noqa: E402
 from kd_lightning.commands.cli import cli_main  # noqa: E402
 from kd_lightning.commands.tune.command import main  # noqa: E402
@@ -324,3 +326,24 @@ def test_the_repository_tune_files_are_valid(tmp_path, path):
     start = check_job(job)
     assert start is not None and set(start) == set(spec.space)  # the run's own settings lie in the space
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_slurm_workers_share_a_journal_storage_and_the_budget(tmp_path, teacher, fake_slurm, tests_on_pythonpath):
+    tune = write_tune(tmp_path / "tune.yaml", teacher, {"trials": 4, "pruner": "none"})
+    out = tmp_path / "out"
+    assert main([str(tune), "--out", str(out), "--launcher", "slurm", "--jobs", "2",
+                 "--resource", "time=10"]) is None  # submitted; the jobs run on
+    journal = out / "optuna.journal"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        study = optuna.load_study(study_name="tune", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))))
+        if len([t for t in study.get_trials() if t.state.is_finished()]) >= 4:
+            break
+        time.sleep(1.0)
+    trials = study.get_trials()
+    assert len(counted(trials)) == 4 and all(outcome(t) == "complete" for t in counted(trials))
+    assert len({t.user_attrs["slurm_job_id"] for t in counted(trials)}) == 2  # both jobs took trials
+    report = main([str(tune), "--out", str(out), "--status"])  # from the folder alone: the journal is found
+    assert report["best"] == out / "best.yaml" and "4 of 4 trials (4 complete)" in (out / "trials.md").read_text()

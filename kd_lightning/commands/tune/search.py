@@ -42,9 +42,11 @@ def default_storage(out: Path, launcher: str) -> str:
     """The storage a search uses when none is given: the file already in ``out`` (so starting again continues),
     else a SQLite file; with SLURM, whose workers share a network file system, a journal file (Optuna's advice)."""
     out = out.resolve()
-    if (out / "optuna.db").exists() or launcher != "slurm":
+    if (out / "optuna.db").exists():
         return f"sqlite:///{out / 'optuna.db'}"
-    return f"journal:{out / 'optuna.journal'}"
+    if (out / "optuna.journal").exists() or launcher == "slurm":
+        return f"journal:{out / 'optuna.journal'}"
+    return f"sqlite:///{out / 'optuna.db'}"
 
 
 def open_storage(storage: str) -> Any:
@@ -269,6 +271,9 @@ def _fail(study: Any, trial: Any, err: BaseException) -> None:
 def trial_line(trial: Any, spec: TuneSpec) -> str:
     state = outcome(trial)
     value = f" {spec.metric} {trial.value:.4f}" if trial.value is not None else ""
+    if state == "pruned" and trial.intermediate_values:  # its value is the last validation's, not a best
+        step = max(trial.intermediate_values)
+        value = f" at step {step} ({spec.metric} {trial.intermediate_values[step]:.4f})"
     params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in trial.params.items())
     error = f" ({trial.user_attrs['error']})" if state == "failed" else ""
     return f"trial {trial.number}: {state}{value}  [{params}]{error}"
