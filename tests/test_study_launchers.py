@@ -114,6 +114,28 @@ def test_a_study_stopped_by_sigterm_stops_its_local_jobs_which_save_their_state(
 
 
 @pytest.mark.slow
+def test_a_serial_study_stopped_by_ctrl_c_marks_its_run_stopped_not_failed(tmp_path, capsys):
+    import signal
+    import subprocess
+    import time
+
+    study = write_study(tmp_path / "study.yaml", overrides={"trainer.max_epochs": 5000},
+                        runs={"teacher": {"configs": [str(DIGITS / "teacher.yaml")]}})
+    command = [sys.executable, "-m", "kd_lightning", "study", str(study), "--out", "out"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "out" / "teacher" / "seed_0"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "last.ckpt").is_file():
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C; Lightning turns it into sys.exit(1) inside the fit
+    launcher.wait(timeout=120)
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / FAILED_FILE).exists()
+    main([str(study), "--out", str(tmp_path / "out"), "--status"])
+    status = capsys.readouterr().out
+    assert "stopped" in status and "failed" not in status, status
+
+
+@pytest.mark.slow
 def test_a_failed_teacher_blocks_its_students_and_a_new_start_runs_only_what_is_not_done(tmp_path, capsys,
                                                                                           tests_on_pythonpath):
     failing = {"trainer.callbacks+": {"class_path": KILL, "init_args": {"epoch": 1, "signal_name": "RAISE"}}}

@@ -211,8 +211,7 @@ def execute(run: PlannedRun, retrain: bool = False, verbose: bool = False) -> tu
             result = train_run(run, resume_from, callbacks=[RunProgress(run.folder)])
         except BaseException as err:
             # stopped (Ctrl-C, SIGTERM: exit 143, a SLURM requeue: 0) is resumable, not failed
-            stopped = isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code in (0, 143))
-            if not stopped:
+            if not was_stopped(err):
                 lines = [line for line in f"{type(err).__name__}: {err}".splitlines() if line.strip()]
                 write_json(run.folder / FAILED_FILE, {"error": lines[-1] if lines else type(err).__name__,
                                                       "log": str(run.folder / LOG_FILE), "at": time.time()})
@@ -220,6 +219,15 @@ def execute(run: PlannedRun, retrain: bool = False, verbose: bool = False) -> tu
     status = read_json(run.folder / STATUS_FILE) or {}
     write_json(run.folder / STATUS_FILE, {**status, "state": "done", "updated_at": time.time()})
     return result, how
+
+
+def was_stopped(err: BaseException) -> bool:
+    """Whether ``err`` ended a run that was stopped, not one that failed: Ctrl-C (Lightning turns the
+    KeyboardInterrupt of a fit into ``sys.exit(1)`` while handling it), SIGTERM (exit status 143) or a SLURM requeue
+    (0). A stopped run resumes from its last.ckpt."""
+    if isinstance(err, KeyboardInterrupt):
+        return True
+    return isinstance(err, SystemExit) and (err.code in (0, 143) or isinstance(err.__context__, KeyboardInterrupt))
 
 
 def _checkpoint_step(path: Path) -> int | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_lightning.commands.study.jobs import (STATUS_FILE, RunProgress, output_to, quiet_lightning, read_json,
-                                             write_json)
+                                             was_stopped, write_json)
 from kd_lightning.commands.tune.space import TuneError, TuneSpec
 from kd_lightning.commands.tune.spec import TuneJob
 
@@ -245,8 +245,7 @@ def work(job: TuneJob, worker: int = 0, here: bool = True, log: Any = None) -> i
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         except (KeyboardInterrupt, SystemExit) as err:
-            stopped = isinstance(err, KeyboardInterrupt) or err.code in (0, 143)
-            if stopped:
+            if was_stopped(err):
                 stop_trial(study, study.trials[trial.number])
             else:
                 _fail(study, trial, err)
