@@ -94,31 +94,39 @@ def _cli_error(stderr: str) -> str:
     return condense(stderr[at + len("error: "):] if at >= 0 else stderr) or "the configuration was rejected"
 
 
-def check_and_hash(run: PlannedRun, trains_here: bool = True) -> str:
-    """Parse ``run``'s config with the kd-lightning CLI and build its model, data and trainer (nothing is
-    written), check the model runs on the data's input shape, and return a hash of the resolved config (and of
-    the teacher's, so a retrained teacher reruns its students). A run that trains elsewhere (``trains_here``
-    False: a SLURM job) has its trainer built on the CPU, the GPUs it asks for being on another machine; its hash
-    is the same."""
+def build_checked(args: list[str], where: str, trains_here: bool = True) -> Any:
+    """The kd-lightning CLI of ``args`` built (model, data, trainer; nothing written) and the model checked on the
+    data's input shape; any failure is one line, a :class:`StudyError` that starts with ``where``. ``trains_here``
+    False: the trainer is built on the CPU (the run trains on another machine)."""
     from kd_lightning.commands.cli import cli_main
 
-    # the teacher's checkpoint does not exist yet: build a random teacher of the configured architecture
-    args = run.args + (["--model.init_args.teacher_checkpoint=null"] if run.teacher else [])
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
             cli = cli_main(args, run=False, trainer_on_cpu=not trains_here)
     except SystemExit:
-        raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {_cli_error(stderr.getvalue())}") from None
-    except Exception as err:  # noqa: BLE001 - any failure to build the run is this study's input error
-        raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {type(err).__name__}: {err}") from None
+        raise StudyError(f"{where}: {_cli_error(stderr.getvalue())}") from None
+    except Exception as err:  # noqa: BLE001 - any failure to build the run is this input's error
+        raise StudyError(f"{where}: {type(err).__name__}: {err}") from None
     sys.stderr.write(stderr.getvalue())  # warnings of a run that builds are the user's to see
     input_shape = getattr(cli.datamodule, "input_shape", None)
     if input_shape is not None and hasattr(cli.model, "check_input_shape"):
         try:
             cli.model.check_input_shape(input_shape)
         except ValueError as err:
-            raise StudyError(f"run '{run.spec.name}' (seed {run.seed}): {err}") from None
+            raise StudyError(f"{where}: {err}") from None
+    return cli
+
+
+def check_and_hash(run: PlannedRun, trains_here: bool = True) -> str:
+    """Parse ``run``'s config with the kd-lightning CLI and build its model, data and trainer (nothing is
+    written), check the model runs on the data's input shape, and return a hash of the resolved config (and of
+    the teacher's, so a retrained teacher reruns its students). A run that trains elsewhere (``trains_here``
+    False: a SLURM job) has its trainer built on the CPU, the GPUs it asks for being on another machine; its hash
+    is the same."""
+    # the teacher's checkpoint does not exist yet: build a random teacher of the configured architecture
+    args = run.args + (["--model.init_args.teacher_checkpoint=null"] if run.teacher else [])
+    cli = build_checked(args, f"run '{run.spec.name}' (seed {run.seed})", trains_here)
     config = cli.config.clone()
     for key in (*DISPLAY_KEYS, *RUNNER_PATHS):  # not what the run trains: where it writes, how it displays
         if key in config:

@@ -166,15 +166,19 @@ def parse_study(data: Any, path: Path) -> StudySpec:
                      resources=check_resources(data.get("resources"), where))
 
 
-def load_study(path: str | Path) -> StudySpec:
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML of the file ``path`` (a ``what``: study, tune file), or one clear error."""
     if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
+        raise StudyError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise StudyError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-    return parse_study(data, path)
+
+
+def load_study(path: str | Path) -> StudySpec:
+    path = Path(path)
+    return parse_study(read_yaml(path, "study file"), path)
 
 
 def with_overrides(spec: StudySpec, overrides: dict[str, Any]) -> StudySpec:

@@ -36,8 +36,6 @@ every trial's TensorBoard logs, checkpoints and ``run.log`` in ``trials/trial_<n
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -48,7 +46,8 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from kd_lightning.commands.errors import OneLineArgumentParser, exit_with_error
-from kd_lightning.commands.study.spec import OWNED_KEYS, StudyError, _config_paths, _overrides, check_resources
+from kd_lightning.commands.study.spec import (OWNED_KEYS, StudyError, _config_paths, _overrides, check_resources,
+                                             read_yaml)
 from kd_lightning.commands.tune.space import TuneError, TuneSpec, parse_tune
 from kd_lightning.commands.tune.spec import TuneJob, run_args, teacher_args
 
@@ -84,34 +83,18 @@ def check_job(job: TuneJob, trains_here: bool = True) -> dict[str, Any] | None:
     """Build the run with a sample of the space through the kd-lightning CLI (nothing is written): an unknown key
     or a value the run rejects is one line here, before any trial. Returns the run's own settings of the space's
     keys when every one lies inside the space (the search's first trial), else None."""
-    from kd_lightning.commands.cli import cli_main
-    from kd_lightning.commands.study.plan import _cli_error
+    from kd_lightning.commands.study.plan import build_checked
 
     space = job.tune.space
     sample = {k: d["choices"][0] if d["type"] == "categorical" else d["low"] for k, d in space.items()}
-    stderr = io.StringIO()
-    probe = job.folder / "trials" / "trial_check"
-    try:
-        with contextlib.redirect_stderr(stderr):
-            own = cli_main(job.args + [f"--checkpoint.dirpath={probe / 'checkpoints'}"], run=False,
-                           trainer_on_cpu=not trains_here)
-            teacher = _walk(yaml.safe_load(own.parser.dump(own.config, skip_check=True)),
-                            "model.init_args.teacher_checkpoint")
-            if job.teacher is None and teacher:  # the config's teacher_run, found once for every trial
-                job.teacher = str(Path(teacher).resolve())
-                job.args += teacher_args(job.teacher)
-            cli = cli_main(job.trial_args(probe, sample), run=False, trainer_on_cpu=not trains_here)
-    except SystemExit:
-        raise TuneError(f"{job.title}: {_cli_error(stderr.getvalue())}") from None
-    except Exception as err:  # noqa: BLE001 - any failure to build the run is the search's input error
-        raise TuneError(f"{job.title}: {type(err).__name__}: {err}") from None
-    input_shape = getattr(cli.datamodule, "input_shape", None)
-    if input_shape is not None and hasattr(cli.model, "check_input_shape"):
-        try:
-            cli.model.check_input_shape(input_shape)
-        except ValueError as err:
-            raise TuneError(f"{job.title}: {err}") from None
+    probe = job.folder / "trials" / "trial_check"  # a trial's arguments; nothing is written there
+    own = build_checked(job.args + [f"--checkpoint.dirpath={probe / 'checkpoints'}"], job.title, trains_here)
     config = yaml.safe_load(own.parser.dump(own.config, skip_check=True))
+    teacher = _walk(config, "model.init_args.teacher_checkpoint")
+    if job.teacher is None and teacher:  # the config's teacher_run, found once for every trial
+        job.teacher = str(Path(teacher).resolve())
+        job.args += teacher_args(job.teacher)
+    build_checked(job.trial_args(probe, sample), job.title, trains_here)  # every key of the space, with a value
     start = {key: _walk(config, key) for key in space}
     for key, value in start.items():
         dist = space[key]
@@ -257,12 +240,7 @@ def show_status(job: TuneJob) -> dict[str, Any]:
 def load_tune_file(path: Path, sets: dict[str, Any]) -> tuple[str, list[Path], dict[str, Any], int, str | None,
                                                                TuneSpec, dict[str, Any]]:
     where = str(path)
-    if not path.is_file():
-        raise TuneError(f"tune file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise TuneError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    data = read_yaml(path, "tune file")
     if not isinstance(data, dict):
         raise TuneError(f"{where}: a tune file is a mapping with keys {', '.join(TUNE_FILE_KEYS)}.")
     unknown = [k for k in data if k not in TUNE_FILE_KEYS]
