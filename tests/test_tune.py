@@ -273,6 +273,7 @@ def test_a_study_tunes_a_run_on_its_first_seed_then_trains_every_seed_with_the_b
     search = storage_study_named(out / "kd_student" / "tune", "kd_student")
     trials = search.get_trials()
     assert len(trials) == 3 and all(outcome(t) == "complete" for t in trials)
+    assert trials[0].params == {TEMPERATURE: 4.0} and trials[0].user_attrs.get("start")  # kd.yaml's own T first
     best = search.best_params[TEMPERATURE]
     for seed in (0, 1):  # every seed trained with the settings found on seed 0's validation
         config = yaml.safe_load((out / "kd_student" / f"seed_{seed}" / "config.yaml").read_text())

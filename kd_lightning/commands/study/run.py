@@ -31,8 +31,8 @@ def run_study(spec: StudySpec, out: str | Path, launcher: Launcher | None = None
     if any(run.tune is not None for run in spec.runs):
         from kd_lightning.commands.study.tuning import check_tunes, tuned_spec
 
-        check_tunes(spec, out, launcher.trains_here)  # every space, before anything trains
-        tuned = tuned_spec(spec, out, launcher, log)
+        starts = check_tunes(spec, out, launcher.trains_here)  # every space, before anything trains
+        tuned = tuned_spec(spec, out, launcher, log, starts)
         if tuned is None:
             log("Teachers or searches run on elsewhere: start the study again once they have finished "
                 "(--status says where they stand).")

@@ -43,17 +43,19 @@ def _first_seed_run(planned: Sequence[PlannedRun], spec: StudySpec, run: RunSpec
     return next(p for p in planned if p.spec.name == run.name and p.seed == seed)
 
 
-def check_tunes(spec: StudySpec, out: Path, trains_here: bool) -> None:
-    """Every search's space, checked on its run (with an untrained teacher) before anything trains."""
+def check_tunes(spec: StudySpec, out: Path, trains_here: bool) -> dict[str, dict[str, Any] | None]:
+    """Every search's space, checked on its run (with an untrained teacher) before anything trains; returns each
+    tuned run's own settings of its space (its search's first trial), None where they lie outside it."""
     from kd_lightning.commands.tune.command import check_job
 
-    planned = plan(spec, out)
+    planned, starts = plan(spec, out), {}
     for run in spec.runs:
         if run.tune is not None:
             job = tune_job(spec, out, _first_seed_run(planned, spec, run))
             if run.teacher is not None:
                 job.args += ["--model.init_args.teacher_checkpoint=null"]
-            check_job(job, trains_here=trains_here)
+            starts[run.name] = check_job(job, trains_here=trains_here)
+    return starts
 
 
 def _teachers(run: PlannedRun) -> list[PlannedRun]:
@@ -64,9 +66,11 @@ def _teachers(run: PlannedRun) -> list[PlannedRun]:
     return chain
 
 
-def tuned_spec(spec: StudySpec, out: Path, launcher: Launcher, log: Callable[[str], None]) -> StudySpec | None:
+def tuned_spec(spec: StudySpec, out: Path, launcher: Launcher, log: Callable[[str], None],
+               starts: dict[str, dict[str, Any] | None] | None = None) -> StudySpec | None:
     """``spec`` with each tuned run's best settings added to its overrides, searching first where the search has
-    not spent its budget; None while teachers or searches run on elsewhere (SLURM: start the study again)."""
+    not spent its budget (a new search's first trial: the run's own settings, ``starts``); None while teachers or
+    searches run on elsewhere (SLURM: start the study again)."""
     from kd_lightning.commands.tune.command import prepare, run_local, run_slurm
     from kd_lightning.commands.tune.report import best_trial, summary, write_report
     from kd_lightning.commands.tune.search import load_study, retry_stopped, spent, work
@@ -89,7 +93,7 @@ def tuned_spec(spec: StudySpec, out: Path, launcher: Launcher, log: Callable[[st
             record = json.loads((target.teacher.folder / RUN_FILE).read_text())
             teacher = str((target.teacher.folder / record["best_checkpoint"]).resolve())
         job = tune_job(spec, out, target, teacher)
-        study = prepare(job, None)
+        study = prepare(job, (starts or {}).get(run.name))
         retry_stopped(study, job)
         if len(spent(study)) < job.tune.trials or any(t.state.name == "RUNNING" for t in study.get_trials()):
             log(f"{run.name}: searching on validation with seed {job.seed}, {job.tune.trials} trials "
