@@ -135,17 +135,21 @@ def test_a_stopped_search_started_again_resumes_its_trial_and_repeats_no_trial_n
                       overrides={"trainer.max_epochs": 12})
     out = tmp_path / "out"
     command = [sys.executable, "-m", "kd_lightning", "tune", str(tune), "--out", str(out)]
-    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = out / "trials" / "trial_0001" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 180
     while time.time() < deadline and not last.is_file() and search.poll() is None:
         time.sleep(0.1)
     search.send_signal(stop)  # kill -9: a killed worker, no chance to say anything; Ctrl-C: a user's stop
-    search.wait()
+    _, stderr = search.communicate()
     assert last.is_file(), "the search finished or failed before trial 1 saved a checkpoint"
     before = storage_study(out).get_trials()
     # killed, the trial is left running (the next start finds its process gone); stopped, it is marked so
     assert [outcome(t) for t in before][:2] == ["complete", "running" if stop == signal.SIGKILL else "stopped"]
+    if stop == signal.SIGINT:  # one line, exit status 130, the report and the trial's status as they stand
+        assert search.returncode == 130 and stderr.strip().splitlines()[-1].startswith("kd-lightning: stopped;")
+        assert "| stopped |" in (out / "trials.md").read_text()
+        assert '"stopped"' in (out / "trials" / "trial_0001" / "status.json").read_text()
 
     main([str(tune), "--out", str(out)])
     trials = storage_study(out).get_trials()
@@ -164,16 +168,18 @@ def test_a_stopped_search_started_again_resumes_its_trial_and_repeats_no_trial_n
 
 @pytest.mark.slow
 def test_two_local_workers_share_one_storage_and_one_budget(tmp_path, teacher):
-    tune = write_tune(tmp_path / "tune.yaml", teacher, {"trials": 5, "pruner": "none"})
+    tune = write_tune(tmp_path / "tune.yaml", teacher, {"trials": 2, "pruner": "none"})
     out = tmp_path / "out"
-    main([str(tune), "--out", str(out), "--launcher", "local", "--jobs", "2", "--threads", "1"])
+    main([str(tune), "--out", str(out), "--launcher", "local", "--jobs", "2", "--threads", "1", "--trials", "5"])
     trials = storage_study(out).get_trials()
     assert len(counted(trials)) == 5 and all(outcome(t) == "complete" for t in counted(trials))
     pids = {t.user_attrs["pid"] for t in counted(trials)}
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes took trials
     assert "5 of 5 trials (5 complete)" in (out / "trials.md").read_text()
+    main([str(tune), "--out", str(out), "--status"])  # the budget it was started with, not the file's
+    assert "5 of 5 trials" in (out / "trials.md").read_text()
     # started again: the budget is spent, nothing more runs
-    main([str(tune), "--out", str(out), "--launcher", "local", "--jobs", "2", "--threads", "1"])
+    main([str(tune), "--out", str(out), "--launcher", "local", "--jobs", "2", "--threads", "1", "--trials", "5"])
     assert len(storage_study(out).get_trials()) == len(trials)
 
 
@@ -241,6 +247,36 @@ def test_a_bad_space_fails_in_one_line_before_any_trial(tmp_path, teacher, capsy
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--storage", "foo"], "--storage must be a database URL"),
+    (["--storage", "journal:"], "needs a file path"),
+    (["--storage", "mysql://user@nohost/db"], "its database driver is not installed"),
+    (["--launcher", "slurm"], "sbatch not found"),
+    (["--trials", "0"], "--trials must be >= 1"),
+], ids=["storage-not-a-url", "journal-without-file", "driver-missing", "slurm-without-sbatch", "no-trials"])
+def test_bad_options_fail_in_one_line_with_nothing_written(tmp_path, teacher, capsys, monkeypatch, options, message):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM here
+    tune = write_tune(tmp_path / "tune.yaml", teacher, {"trials": 2})
+    with pytest.raises(SystemExit) as exit_status:
+        main([str(tune), "--out", str(tmp_path / "out"), *options])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_metric_the_run_never_logs_stops_the_search_after_one_trial(tmp_path, teacher, capsys):
+    tune = write_tune(tmp_path / "tune.yaml", teacher, {"trials": 4, "metric": "val/accuracy"},
+                      {"trainer.max_epochs": 1})
+    with pytest.raises(SystemExit) as exit_status:
+        main([str(tune), "--out", str(tmp_path / "out")])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'val/accuracy' was not logged" in error[0] and "val/acc" in error[0], error
+    assert [outcome(t) for t in storage_study(tmp_path / "out").get_trials()] == ["failed"]  # one trial, not four
 
 
 def test_a_folder_holding_another_search_is_refused_not_mixed(tmp_path, teacher, capsys):

@@ -19,6 +19,10 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 
+class MetricNotLogged(ValueError):
+    """The monitored metric is not among those the validation logged (a misspelt name): no trial can succeed."""
+
+
 class OptunaPruning(pl.Callback):
     """Args:
         trial: the ``optuna.Trial`` this fit is.
@@ -56,8 +60,8 @@ class OptunaPruning(pl.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             names = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
-            raise ValueError(f"the search's metric {self.monitor!r} was not logged by this validation "
-                             f"(validation metrics logged: {names}).")
+            raise MetricNotLogged(f"the search's metric {self.monitor!r} was not logged by the validation "
+                                  f"(validation metrics logged: {names}).")
         prune = False
         if trainer.is_global_zero:
             self._report(trainer.global_step, float(value))

@@ -59,9 +59,10 @@ LAUNCHERS = ("serial", "local", "slurm")
 def make_job(title: str, configs: Sequence[Path], overrides: dict[str, Any], seed: int, teacher: str | None,
              spec: TuneSpec, out: Path, storage: str | None, launcher: str, name: str,
              study_name: str | None = None) -> TuneJob:
-    from kd_lightning.commands.tune.search import default_storage
+    from kd_lightning.commands.tune.search import check_storage, default_storage
 
     out = out.resolve()
+    storage = check_storage(storage) if storage else None
     # every trial logs as the run "trials", version trial_<n>: <out>/trials/trial_<n>/ holds all of it
     return TuneJob(title=title, out=str(out), args=run_args([str(c) for c in configs], overrides, seed, "trials",
                                                             teacher),
@@ -176,15 +177,22 @@ def slurm_worker(job_file: str, index: int) -> int:
     return work(read_job(Path(job_file)), worker=index, here=False, log=lambda line: print(line, flush=True))
 
 
+def check_slurm(dry_run: bool) -> None:
+    """--launcher slurm: submitit installed and SLURM's sbatch on PATH (unless only printing), or one line."""
+    from kd_lightning.commands.study.slurm import SlurmLauncher
+
+    try:
+        SlurmLauncher({}, Path("."), dry_run=dry_run).check()
+    except StudyError as err:
+        raise TuneError(str(err)) from None
+
+
 def run_slurm(job: TuneJob, jobs: int, resources: dict[str, Any], dry_run: bool, log: Callable[[str], None]) -> None:
+    import submitit
+
     from kd_lightning.commands.study.slurm import sbatch_parameters
     from kd_lightning.commands.tune.search import JOB_FILE
 
-    try:
-        import submitit
-    except ImportError:
-        raise TuneError("--launcher slurm submits jobs through submitit, which is not installed: "
-                        "pip install 'kd_lightning[cluster]'.") from None
     params = sbatch_parameters(resources, f"tune-{job.study_name}")
     if dry_run:
         log(f"{jobs} SLURM job(s), each a worker of {job.folder / JOB_FILE} sharing {job.storage}; sbatch "
@@ -234,6 +242,32 @@ def show_status(job: TuneJob) -> dict[str, Any]:
     study = load_study(job)
     print(f"{job.title}: {progress(study, job)}\n\n{to_markdown(trial_rows(study, job))}")
     return write_report(study, job)
+
+
+def _as_started(job: TuneJob, trials: int | None) -> TuneJob:
+    """For --status: the search as it was started (its storage and budget from its tune.json), unless --trials."""
+    from kd_lightning.commands.tune.search import JOB_FILE, read_job
+
+    if not (job.folder / JOB_FILE).is_file():
+        return job
+    started = read_job(job.folder / JOB_FILE)
+    if trials is not None:
+        started.spec = {**started.spec, "trials": trials}
+    return started
+
+
+def _stopped(job: TuneJob) -> None:
+    """Ctrl-C or SIGTERM: the report as it stands, one line, exit status 130."""
+    from kd_lightning.commands.tune.report import write_report
+    from kd_lightning.commands.tune.search import load_study
+
+    try:
+        write_report(load_study(job), job)
+    except Exception:  # noqa: BLE001 - the stop matters more than the report
+        pass
+    print(f"\nkd-lightning: stopped; the running trial resumes from its last.ckpt when the same command runs again "
+          f"({job.folder}/trials.md).", file=sys.stderr)
+    raise SystemExit(130)
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -311,12 +345,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         job = make_job(title, configs, overrides, seed, teacher, spec, out, options.storage, options.launcher,
                        name=path.stem, study_name=options.study_name)
         if options.status:
-            return show_status(job)
+            return show_status(_as_started(job, options.trials))
+        if options.launcher == "slurm" or options.dry_run:
+            check_slurm(options.dry_run)
         from kd_lightning.commands.study.jobs import quiet_lightning
 
         with quiet_lightning():
             start = check_job(job, trains_here=options.launcher != "slurm")
-        report = run_tune(job, start, options.launcher, options.jobs, options.threads, resources, options.dry_run)
+        try:
+            report = run_tune(job, start, options.launcher, options.jobs, options.threads, resources,
+                              options.dry_run)
+        except KeyboardInterrupt:
+            _stopped(job)
+        except SystemExit as err:
+            from kd_lightning.commands.study.jobs import was_stopped
+
+            if not was_stopped(err):
+                raise
+            _stopped(job)
+        if report is not None and report["best"] is None:
+            raise TuneError(f"no trial completed ({report['summary']}); see {job.folder}/trials.md and the trials' "
+                            "run.log.")
     except (StudyError, TuneError) as err:
         exit_with_error(err)
     if report is not None:

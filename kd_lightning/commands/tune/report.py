@@ -84,7 +84,7 @@ def summary(study: Any, job: TuneJob) -> str:
     text = f"{len(states)} of {job.tune.trials} trials ({', '.join(parts) or 'none'})"
     stopped = sum(outcome(t) == "stopped" for t in trials)
     if stopped:
-        text += f"; {stopped} stopped and resumed"
+        text += f"; {stopped} stopped, each queued again to resume from its last.ckpt"
     best = best_trial(study)
     if best is not None:
         settings = ", ".join(f"{k} = {_cell(v)}" for k, v in best.params.items())

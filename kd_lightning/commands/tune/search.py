@@ -20,6 +20,7 @@ from typing import Any
 
 from kd_lightning.commands.study.jobs import (STATUS_FILE, RunProgress, output_to, quiet_lightning, read_json,
                                              was_stopped, write_json)
+from kd_lightning.callbacks.optuna_pruning import MetricNotLogged
 from kd_lightning.commands.tune.space import TuneError, TuneSpec
 from kd_lightning.commands.tune.spec import TuneJob
 
@@ -47,6 +48,34 @@ def default_storage(out: Path, launcher: str) -> str:
     if (out / "optuna.journal").exists() or launcher == "slurm":
         return f"journal:{out / 'optuna.journal'}"
     return f"sqlite:///{out / 'optuna.db'}"
+
+
+def check_storage(storage: str) -> str:
+    """``storage`` checked and made absolute (workers may start elsewhere), before anything is written: a
+    ``journal:FILE`` needs a file path, a database URL its driver (e.g. ``psycopg2`` for PostgreSQL)."""
+    if storage.startswith("journal:"):
+        path = storage[len("journal:"):]
+        if not path or path.endswith(("/", os.sep)) or Path(path).is_dir():
+            raise TuneError(f"--storage journal:FILE needs a file path, got {storage!r}.")
+        return f"journal:{Path(path).resolve()}"
+    if "://" not in storage:
+        raise TuneError(f"--storage must be a database URL (sqlite:///FILE, postgresql://...) or journal:FILE, "
+                        f"got {storage!r}.")
+    if storage.startswith("sqlite:///"):
+        path = storage[len("sqlite:///"):]
+        if not path or Path(path).is_dir():
+            raise TuneError(f"--storage sqlite:///FILE needs a file path, got {storage!r}.")
+        return f"sqlite:///{Path(path).resolve()}"
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(storage)  # loads the URL's driver; connects only when used
+    except ImportError as err:
+        raise TuneError(f"--storage {storage}: its database driver is not installed ({err.name or err}); "
+                        "install it (e.g. pip install psycopg2-binary for postgresql://).") from None
+    except Exception as err:  # noqa: BLE001 - a malformed URL
+        raise TuneError(f"--storage {storage!r} is not a database URL SQLAlchemy reads: {err}") from None
+    return storage
 
 
 def open_storage(storage: str) -> Any:
@@ -165,6 +194,10 @@ def retry_stopped(study: Any, job: TuneJob, here: bool = True) -> list[int]:
 def stop_trial(study: Any, trial: Any) -> None:
     """A trial stopped before it finished: failed as ``stopped`` (no ``outcome``), and queued again to resume."""
     optuna = optuna_module()
+    status_file = Path(trial.user_attrs.get("folder", "")) / STATUS_FILE
+    status = read_json(status_file)
+    if status is not None:
+        write_json(status_file, {**status, "state": "stopped", "updated_at": time.time()})
     study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     study.enqueue_trial(dict(trial.params), user_attrs={"resumes": trial.number,
                                                        "folder": trial.user_attrs.get("folder")})
@@ -250,6 +283,9 @@ def work(job: TuneJob, worker: int = 0, here: bool = True, log: Any = None) -> i
             else:
                 _fail(study, trial, err)
             raise
+        except MetricNotLogged as err:  # every trial would fail the same way: stop the search, say why
+            _fail(study, trial, err)
+            raise TuneError(f"{err} Set tune.metric to one of those.") from None
         except Exception as err:  # noqa: BLE001 - the trial failed (its run.log says why); the search goes on
             _fail(study, trial, err)
         else:
