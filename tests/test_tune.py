@@ -363,6 +363,8 @@ def test_the_repository_tune_files_are_valid(tmp_path, path):
     from kd_lightning.commands.tune.command import check_job, load_tune_file, make_job
 
     title, configs, overrides, seed, teacher, spec, _ = load_tune_file(path, {})
+    if not (ROOT.parent / "shared" / "data").is_dir() and any("../shared/data" in c.read_text() for c in configs):
+        pytest.skip("the run reads ../shared/data, which this checkout does not have beside it")
     job = make_job(title, configs, overrides, seed, teacher, spec, tmp_path / "out", None, "serial", path.stem)
     job.args += ["--teacher_run=null"]
     start = check_job(job)
