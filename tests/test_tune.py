@@ -282,6 +282,17 @@ def test_a_metric_the_run_never_logs_stops_the_search_after_one_trial(tmp_path, 
     assert [outcome(t) for t in storage_study(tmp_path / "out").get_trials()] == ["failed"]  # one trial, not four
 
 
+def test_a_worker_is_alive_only_while_its_own_process_runs():
+    from kd_lightning.commands.tune.search import process_start, worker_alive
+
+    me = os.getpid()
+    assert worker_alive(me, process_start(me)) and worker_alive(me)
+    if process_start(me) is not None:  # Linux: a pid now held by another process is not the worker's
+        assert not worker_alive(me, str(int(process_start(me)) + 1))
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert not worker_alive(int(done.stdout))  # gone (pids are not reused this quickly)
+
+
 def test_a_folder_holding_another_search_is_refused_not_mixed(tmp_path, teacher, capsys):
     from kd_lightning.commands.tune.command import load_tune_file, make_job
     from kd_lightning.commands.tune.search import load_study

@@ -160,14 +160,25 @@ def spent(study: Any) -> list[Any]:
     return [t for t in counted(study.get_trials(deepcopy=False)) if outcome(t) != "waiting"]
 
 
-def _alive(pid: int) -> bool:
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: /proc/<pid>/stat's start time), so that a pid reused by another
+    process is not taken for the trial's worker; None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22 (starttime), counted after the command's name
+
+
+def worker_alive(pid: int, started: str | None = None) -> bool:
+    """Whether the worker ``pid`` (started at ``started``, see :func:`process_start`) still runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return started is None or process_start(pid) in (None, started)
 
 
 def retry_stopped(study: Any, job: TuneJob, here: bool = True) -> list[int]:
@@ -181,7 +192,7 @@ def retry_stopped(study: Any, job: TuneJob, here: bool = True) -> list[int]:
         if attrs.get("pid") is None:
             continue  # between ask and its first attributes
         if attrs.get("host") == host and here:
-            gone = not _alive(int(attrs["pid"])) and attrs.get("pid") != os.getpid()
+            gone = not worker_alive(int(attrs["pid"]), attrs.get("pid_start")) and attrs.get("pid") != os.getpid()
         else:
             status = read_json(Path(attrs.get("folder", "")) / STATUS_FILE) or {}
             gone = now - float(status.get("updated_at", trial.datetime_start.timestamp())) > STALE_S
@@ -236,7 +247,7 @@ def run_trial(job: TuneJob, trial: Any, study: Any) -> float:
         else:
             previous = {}  # nothing saved: the run starts again (its earlier validations would not match)
     for key, value in (("folder", str(folder)), ("host", socket.gethostname()), ("pid", os.getpid()),
-                       ("slurm_job_id", os.environ.get("SLURM_JOB_ID"))):
+                       ("pid_start", process_start(os.getpid())), ("slurm_job_id", os.environ.get("SLURM_JOB_ID"))):
         trial.set_user_attr(key, value)
     folder.mkdir(parents=True, exist_ok=True)
     pruning = OptunaPruning(trial, job.tune.metric, job.tune.direction, previous=previous)
