@@ -22,6 +22,9 @@ A study is YAML; its runs are the same config files ``kd-lightning fit`` takes, 
                                         # --seeds keeps it: more seeds reuse it)
         # x: 10                         # optional: a number (e.g. % of labels); the figure then adds test
                                         # accuracy against x, one line per label (x_label: the axis title)
+        # tune: {trials: 12, space: {optim.lr: {type: float, low: 1.0e-3, high: 0.1, log: true}}}
+                                        # optional: searched on validation with the first seed, then every
+                                        # seed trains with the best settings (kd-lightning tune --help)
 
 Every run goes through the kd-lightning LightningCLI (no second config system, no second training loop), as a job
 of a launcher: in this process one after another (``--launcher serial``, the default), up to N local processes at
