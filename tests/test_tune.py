@@ -317,9 +317,12 @@ def test_a_study_tunes_a_run_on_its_first_seed_then_trains_every_seed_with_the_b
             "space": {TEMPERATURE: {"type": "float", "low": 1.0, "high": 16.0, "log": True}}}
     runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")], "once": True},
             "kd_student": {"configs": [str(DIGITS / "kd.yaml")], "teacher": "teacher", "tune": tune}}
-    study = write_study(tmp_path / "study.yaml", seeds=[0, 1], runs=runs)
+    study = write_study(tmp_path / "study.yaml", seeds=[0, 1], runs=runs,
+                        overrides={"data.init_args.split_seed": "${seed}"})
     out = tmp_path / "out"
     study_main([str(study), "--out", str(out)])
+    best_yaml = yaml.safe_load((out / "kd_student" / "tune" / "best.yaml").read_text())
+    assert best_yaml["data"]["init_args"]["split_seed"] == 0  # the search's seed, not the placeholder
     search = storage_study_named(out / "kd_student" / "tune", "kd_student")
     trials = search.get_trials()
     assert len(trials) == 3 and all(outcome(t) == "complete" for t in trials)

@@ -115,7 +115,7 @@ class LocalLauncher(Launcher):
         if jobs < 1:
             raise StudyError(f"--jobs must be >= 1, got {jobs}.")
         self.jobs, self.poll_s = jobs, poll_s
-        self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        self.threads = threads_per_job(jobs, threads)
 
     def _worker(self) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
@@ -191,6 +191,11 @@ class LocalLauncher(Launcher):
                              + "; ".join(f"{t}: {w}" for t, w in failed.items())
                              + ". Start the study again to run what is not done.")
         return [done[run.title] for run in planned]
+
+
+def threads_per_job(jobs: int, threads: int | None = None) -> int:
+    """CPU threads of each of ``jobs`` processes at once: ``threads`` if given, else the cores divided between them."""
+    return threads or max(1, (os.cpu_count() or 1) // jobs)
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -49,15 +49,27 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def run_args(spec: StudySpec, run: RunSpec, seed: int, folder: Path) -> list[str]:
-    """The kd-lightning arguments of ``run`` for ``seed``: configs, then the runner's quiet defaults, the seed,
-    the study's and the run's overrides, and last the output folders (which nothing may override)."""
-    overrides = {**spec.overrides, **run.overrides}
-    return [*(f"--config={c}" for c in (*spec.base, *run.configs)), *QUIET_ARGS, f"--seed_everything={seed}",
-            *(f"--{key}={_cli_value(substitute_seed(value, seed))}" for key, value in overrides.items()),
-            f"--name={run.name}", "--teacher_run=null", f"--trainer.logger.init_args.save_dir={folder.parent.parent}",
-            f"--trainer.logger.init_args.name={run.name}", f"--trainer.logger.init_args.version={folder.name}",
+def fit_args(configs: Sequence[Path | str], overrides: dict[str, Any], seed: int) -> list[str]:
+    """What a run trains: its configs, then the runner's quiet defaults, the seed and the overrides (dotted keys)."""
+    return [*(f"--config={c}" for c in configs), *QUIET_ARGS, f"--seed_everything={seed}",
+            *(f"--{key}={_cli_value(value)}" for key, value in overrides.items())]
+
+
+def output_args(folder: Path) -> list[str]:
+    """Where a run writes, ``<save_dir>/<name>/<version>``: the run ``folder.parent.name`` (its name and logger
+    name), log version ``folder.name``, checkpoints in ``folder/checkpoints``."""
+    return [f"--name={folder.parent.name}", f"--trainer.logger.init_args.save_dir={folder.parent.parent}",
+            f"--trainer.logger.init_args.name={folder.parent.name}",
+            f"--trainer.logger.init_args.version={folder.name}",
             f"--checkpoint.dirpath={folder / 'checkpoints'}"]
+
+
+def run_args(spec: StudySpec, run: RunSpec, seed: int, folder: Path) -> list[str]:
+    """The kd-lightning arguments of ``run`` for ``seed`` (written to ``folder``, ``<out>/<run>/seed_<seed>``):
+    :func:`fit_args` with the study's and the run's overrides, no ``teacher_run`` (the study gives each student its
+    teacher), and last the output folders (which nothing may override)."""
+    overrides = substitute_seed({**spec.overrides, **run.overrides}, seed)
+    return [*fit_args((*spec.base, *run.configs), overrides, seed), "--teacher_run=null", *output_args(folder)]
 
 
 def plan(spec: StudySpec, out: Path) -> list[PlannedRun]:

@@ -13,13 +13,9 @@ from typing import Any, Callable, Sequence
 
 from kd_lightning.commands.study.jobs import RUN_FILE, finished_result
 from kd_lightning.commands.study.launchers import Launcher, LocalLauncher, SerialLauncher
-from kd_lightning.commands.study.plan import PlannedRun, check_and_hash, plan
-from kd_lightning.commands.study.spec import RunSpec, StudyError, StudySpec
+from kd_lightning.commands.study.plan import PlannedRun, check_and_hash, fit_args, plan
+from kd_lightning.commands.study.spec import RunSpec, StudyError, StudySpec, substitute_seed
 from kd_lightning.commands.tune.spec import TuneJob, teacher_args
-
-# what a study run's arguments say about where it writes: a trial writes elsewhere
-_RUN_PLACE = ("--trainer.logger.init_args.", "--checkpoint.dirpath=", "--name=")
-
 
 def tune_folder(out: Path, run: RunSpec) -> Path:
     return out / run.name / "tune"
@@ -28,14 +24,14 @@ def tune_folder(out: Path, run: RunSpec) -> Path:
 def tune_job(spec: StudySpec, out: Path, target: PlannedRun, teacher: str | None = None) -> TuneJob:
     """The search of ``target`` (the tuned run's planned run of the first seed) as a tune job."""
     run = target.spec
-    args = [a for a in target.args if not a.startswith(_RUN_PLACE)]
-    if teacher is not None:
-        args += teacher_args(teacher)
+    configs = [str(c) for c in (*spec.base, *run.configs)]
+    overrides = substitute_seed({**spec.overrides, **run.overrides}, target.seed)  # as the study's run (and best.yaml)
+    # the study's run without its output folders (a trial writes in the search's folder), its teacher pinned
+    args = [*fit_args(configs, overrides, target.seed), *(teacher_args(teacher) if teacher else ["--teacher_run=null"])]
     folder = tune_folder(out, run).resolve()
     return TuneJob(title=f"{spec.title}: {run.label or run.name}", out=str(folder), args=args, seed=target.seed,
                    spec=run.tune.__dict__.copy(), storage=f"sqlite:///{folder / 'optuna.db'}", study_name=run.name,
-                   overrides={**spec.overrides, **run.overrides}, teacher=teacher,
-                   configs=[str(c) for c in (*spec.base, *run.configs)])
+                   overrides=overrides, teacher=teacher, configs=configs)
 
 
 def _first_seed_run(planned: Sequence[PlannedRun], spec: StudySpec, run: RunSpec) -> PlannedRun:

@@ -49,7 +49,7 @@ from kd_lightning.commands.errors import OneLineArgumentParser, exit_with_error
 from kd_lightning.commands.study.spec import (OWNED_KEYS, StudyError, _config_paths, _overrides, check_resources,
                                              read_yaml)
 from kd_lightning.commands.tune.space import TuneError, TuneSpec, parse_tune
-from kd_lightning.commands.tune.spec import TuneJob, run_args, teacher_args
+from kd_lightning.commands.tune.spec import TuneJob, lookup, run_args, teacher_args
 
 TUNE_FILE_KEYS = ("title", "configs", "overrides", "teacher", "seed", "tune", "resources")
 LAUNCHERS = ("serial", "local", "slurm")
@@ -63,21 +63,10 @@ def make_job(title: str, configs: Sequence[Path], overrides: dict[str, Any], see
 
     out = out.resolve()
     storage = check_storage(storage) if storage else None
-    # every trial logs as the run "trials", version trial_<n>: <out>/trials/trial_<n>/ holds all of it
-    return TuneJob(title=title, out=str(out), args=run_args([str(c) for c in configs], overrides, seed, "trials",
-                                                            teacher),
+    return TuneJob(title=title, out=str(out), args=run_args([str(c) for c in configs], overrides, seed, teacher),
                    seed=seed, spec=spec.__dict__.copy(), storage=storage or default_storage(out, launcher),
                    study_name=study_name or name, overrides=dict(overrides), teacher=teacher,
                    configs=[str(c) for c in configs])
-
-
-def _walk(config: Any, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def check_job(job: TuneJob, trains_here: bool = True) -> dict[str, Any] | None:
@@ -91,12 +80,12 @@ def check_job(job: TuneJob, trains_here: bool = True) -> dict[str, Any] | None:
     probe = job.folder / "trials" / "trial_check"  # a trial's arguments; nothing is written there
     own = build_checked(job.args + [f"--checkpoint.dirpath={probe / 'checkpoints'}"], job.title, trains_here)
     config = yaml.safe_load(own.parser.dump(own.config, skip_check=True))
-    teacher = _walk(config, "model.init_args.teacher_checkpoint")
+    teacher = lookup(config, "model.init_args.teacher_checkpoint")
     if job.teacher is None and teacher:  # the config's teacher_run, found once for every trial
         job.teacher = str(Path(teacher).resolve())
         job.args += teacher_args(job.teacher)
     build_checked(job.trial_args(probe, sample), job.title, trains_here)  # every key of the space, with a value
-    start = {key: _walk(config, key) for key in space}
+    start = {key: lookup(config, key) for key in space}
     for key, value in start.items():
         dist = space[key]
         inside = (value in dist["choices"] if dist["type"] == "categorical" else
@@ -121,21 +110,16 @@ def prepare(job: TuneJob, start: dict[str, Any] | None) -> Any:
 
 
 # -- launching workers ---------------------------------------------------------------------------------------------
-def progress(study: Any, job: TuneJob) -> str:
-    from kd_lightning.commands.tune.report import summary
-
-    return summary(study, job)
-
-
 def run_local(job: TuneJob, jobs: int, threads: int | None, log: Callable[[str], None]) -> None:
     """``jobs`` worker processes sharing the storage, CPU threads divided between them; stopping this process
     (Ctrl-C, SIGTERM) stops them, each saving its trial to resume."""
     import signal
 
-    from kd_lightning.commands.study.launchers import stop_jobs_on_sigterm
+    from kd_lightning.commands.study.launchers import stop_jobs_on_sigterm, threads_per_job
+    from kd_lightning.commands.tune.report import summary
     from kd_lightning.commands.tune.search import JOB_FILE, load_study
 
-    per_worker = threads or max(1, (os.cpu_count() or 1) // jobs)
+    per_worker = threads_per_job(jobs, threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(per_worker)}
     logs = job.folder / "workers"
     logs.mkdir(exist_ok=True)
@@ -150,7 +134,7 @@ def run_local(job: TuneJob, jobs: int, threads: int | None, log: Callable[[str],
         study, shown = load_study(job), ""
         while any(w.poll() is None for w in workers):
             time.sleep(2.0)
-            line = progress(study, job)
+            line = summary(study, job)
             if line != shown:
                 log(line)
                 shown = line
@@ -210,7 +194,7 @@ def run_tune(job: TuneJob, start: dict[str, Any] | None, launcher: str = "serial
              log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Run the search ``job`` (checked by :func:`check_job`) with ``launcher`` and write its report; returns it
     (None while SLURM workers run on)."""
-    from kd_lightning.commands.tune.report import write_report
+    from kd_lightning.commands.tune.report import summary, write_report
     from kd_lightning.commands.tune.search import load_study, retry_stopped, work
 
     if dry_run:
@@ -222,7 +206,7 @@ def run_tune(job: TuneJob, start: dict[str, Any] | None, launcher: str = "serial
     stopped = retry_stopped(study, job)
     if stopped:
         log(f"Trial(s) {', '.join(map(str, stopped))} had stopped: queued to resume from their last.ckpt.")
-    log(f"{job.title}: {progress(study, job)} Storage: {job.storage}")
+    log(f"{job.title}: {summary(study, job)} Storage: {job.storage}")
     if launcher == "local":
         run_local(job, jobs, threads, log)
     elif launcher == "slurm":
@@ -234,13 +218,13 @@ def run_tune(job: TuneJob, start: dict[str, Any] | None, launcher: str = "serial
 
 
 def show_status(job: TuneJob) -> dict[str, Any]:
-    from kd_lightning.commands.tune.report import to_markdown, trial_rows, write_report
+    from kd_lightning.commands.tune.report import summary, to_markdown, trial_rows, write_report
     from kd_lightning.commands.tune.search import load_study
 
     if job.storage.startswith("sqlite:///") and not Path(job.storage[len("sqlite:///"):]).exists():
         raise TuneError(f"no search in {job.folder} yet (no {job.storage[len('sqlite:///'):]}).")
     study = load_study(job)
-    print(f"{job.title}: {progress(study, job)}\n\n{to_markdown(trial_rows(study, job))}")
+    print(f"{job.title}: {summary(study, job)}\n\n{to_markdown(trial_rows(study, job))}")
     return write_report(study, job)
 
 
@@ -308,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--trials", type=int, help="the budget, instead of the file's tune.trials")
     parser.add_argument("--timeout", type=float, help="seconds after which a worker starts no new trial")
     parser.add_argument("--storage", help="sqlite:///FILE (default: <out>/optuna.db), journal:FILE (a shared file "
-                                          "system) or a database URL (postgresql://...) for workers on several machines")
+                                          "system) or a database URL (postgresql://...): workers on several machines")
     parser.add_argument("--study-name", help="the search's name in the storage (default: the folder's name)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every trial, e.g. --set trainer.max_epochs=5; repeatable")

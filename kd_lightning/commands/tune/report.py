@@ -15,7 +15,7 @@ import yaml
 
 from kd_lightning.commands.study.jobs import STATUS_FILE, read_json
 from kd_lightning.commands.tune.search import counted, optuna_module, outcome
-from kd_lightning.commands.tune.spec import TuneJob, nested
+from kd_lightning.commands.tune.spec import TuneJob, lookup, nested
 
 FIGURES = ("history", "importances", "slices")
 
@@ -92,14 +92,6 @@ def summary(study: Any, job: TuneJob) -> str:
     return text + "."
 
 
-def _walk(config: Any, parts: list[str]) -> Any:
-    for part in parts:
-        if not isinstance(config, dict) or part not in config:
-            return None
-        config = config[part]
-    return config
-
-
 def best_overlay(job: TuneJob, params: dict[str, Any], resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config overlay of the best trial: the search's own overrides, its seed and teacher, and the settings
     found, nested (the form ``--config`` merges). A config file replaces a dict-typed argument (``terms``,
@@ -114,9 +106,9 @@ def best_overlay(job: TuneJob, params: dict[str, Any], resolved: dict[str, Any] 
         for key in list(values):
             parts = key.split(".")
             for i in range(1, len(parts) - 1):
-                whole = _walk(resolved, parts[:i + 1])
+                prefix = ".".join(parts[:i + 1])
+                whole = lookup(resolved, prefix)
                 if parts[i - 1] == "init_args" and isinstance(whole, dict):
-                    prefix = ".".join(parts[:i + 1])
                     values = {k: v for k, v in values.items() if not (k == prefix or k.startswith(prefix + "."))}
                     values[prefix] = whole
                     break
@@ -174,10 +166,10 @@ def write_figures(study: Any, job: TuneJob) -> list[Path]:
             continue  # e.g. every trial with the same settings: nothing to rank
         all_axes = list(axes.flat) if hasattr(axes, "flat") else [axes]
         figure = all_axes[0].get_figure()
-        for ax in all_axes:  # the dotted keys, shortened: model.init_args.terms.kd.init_args.temperature -> kd.temperature
+        for ax in all_axes:  # dotted keys shortened: model.init_args.terms.kd.init_args.temperature -> kd.temperature
             ax.set_xlabel(short_name(ax.get_xlabel()) if ax.get_xlabel() in job.tune.space else ax.get_xlabel())
-            ax.set_yticklabels([short_name(t.get_text()) for t in ax.get_yticklabels()]) \
-                if name == "importances" else None
+            if name == "importances":  # one bar per setting, named on the y axis
+                ax.set_yticklabels([short_name(t.get_text()) for t in ax.get_yticklabels()])
         figure.set_size_inches(3.6 * len(job.tune.space) + 1.2 if name == "slices" else 7.5, 4.2)
         if name != "slices":  # the slices' colour bar has its own axes, which tight_layout would squeeze
             figure.tight_layout()

@@ -18,14 +18,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.callbacks.optuna_pruning import MetricNotLogged
 from kd_lightning.commands.study.jobs import (STATUS_FILE, RunProgress, output_to, quiet_lightning, read_json,
                                              was_stopped, write_json)
-from kd_lightning.callbacks.optuna_pruning import MetricNotLogged
+from kd_lightning.commands.study.status import STALE_S  # a run whose status has not moved this long is stopped
 from kd_lightning.commands.tune.space import TuneError, TuneSpec
 from kd_lightning.commands.tune.spec import TuneJob
 
 JOB_FILE = "tune.json"
-STALE_S = 600.0  # a running trial on another machine whose status.json is this old has lost its worker
 
 
 def optuna_module() -> Any:
@@ -87,10 +87,7 @@ def open_storage(storage: str) -> Any:
         path = Path(storage[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in storage:
-        raise TuneError(f"--storage must be a database URL (sqlite:///FILE, postgresql://...) or journal:FILE, "
-                        f"got {storage!r}.")
-    if storage.startswith("sqlite:///"):
+    if storage.startswith("sqlite:///"):  # (check_storage has checked the form)
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # several local workers write at once: wait for SQLite's lock rather than fail
         return optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
@@ -183,8 +180,8 @@ def worker_alive(pid: int, started: str | None = None) -> bool:
 
 def retry_stopped(study: Any, job: TuneJob, here: bool = True) -> list[int]:
     """Mark failed (``stopped``) the running trials whose worker is gone (a process of this machine that no longer
-    runs, or a trial elsewhere whose status has not moved for :data:`STALE_S`), and queue each again with the same
-    settings; returns their numbers. ``here`` False: only the stale check (a worker on another machine)."""
+    runs, or a trial elsewhere whose status has not moved for ``STALE_S``, as a study's run), and queue each again
+    with the same settings; returns their numbers. ``here`` False: only the stale check (a worker elsewhere)."""
     optuna = optuna_module()
     host, now, stopped = socket.gethostname(), time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

@@ -10,8 +10,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.commands.study.plan import QUIET_ARGS, _cli_value
+from kd_lightning.commands.study.plan import _cli_value, fit_args, output_args
 from kd_lightning.commands.tune.space import TuneError, TuneSpec
+
+def lookup(config: Any, key: str) -> Any:
+    """The value at dotted ``key`` in a nested mapping (a resolved config), or None."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
 
 def nested(values: dict[str, Any]) -> dict[str, Any]:
     """Dotted keys as nested mappings (a config overlay): ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
@@ -57,10 +66,7 @@ class TuneJob:
     def trial_args(self, folder: Path, params: dict[str, Any]) -> list[str]:
         """kd-lightning ``fit`` arguments of the trial that writes to ``folder`` (``<out>/trials/trial_<n>``, the
         run ``trials``, log version ``trial_<n>``) with ``params``."""
-        return [*self.args, *(f"--{k}={_cli_value(v)}" for k, v in params.items()), f"--name={folder.parent.name}",
-                f"--trainer.logger.init_args.save_dir={folder.parent.parent}",
-                f"--trainer.logger.init_args.name={folder.parent.name}",
-                f"--trainer.logger.init_args.version={folder.name}", f"--checkpoint.dirpath={folder / 'checkpoints'}"]
+        return [*self.args, *(f"--{k}={_cli_value(v)}" for k, v in params.items()), *output_args(folder)]
 
     def settings_hash(self) -> str:
         """What the search is (run settings, space, budget's metric): a folder holding another search is refused."""
@@ -72,12 +78,10 @@ class TuneJob:
         return asdict(self)
 
 
-def run_args(configs: list[str], overrides: dict[str, Any], seed: int, name: str, teacher: str | None) -> list[str]:
-    """What every trial of a search shares: its configs, the runner's quiet defaults, the seed, the overrides, the
-    run name and the teacher (as a study's run, :func:`kd_lightning.commands.study.plan.run_args`)."""
-    return [*(f"--config={c}" for c in configs), *QUIET_ARGS, f"--seed_everything={seed}",
-            *(f"--{key}={_cli_value(value)}" for key, value in overrides.items()), f"--name={name}",
-            *(teacher_args(teacher) if teacher else [])]
+def run_args(configs: list[str], overrides: dict[str, Any], seed: int, teacher: str | None) -> list[str]:
+    """What every trial of a search shares: the run's :func:`~kd_lightning.commands.study.plan.fit_args` and its
+    teacher."""
+    return [*fit_args(configs, overrides, seed), *(teacher_args(teacher) if teacher else [])]
 
 
 def teacher_args(teacher: str) -> list[str]:
