@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -339,3 +340,58 @@ def test_a_run_resumed_from_a_checkpoint_replays_the_same_cached_views(tmp_path,
     assert not all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), whole.state_dict().values()))
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+
+class SlowTeacher(nn.Sequential):
+    """nets()'s teacher, slowed down so that a second run starts while the first is still building."""
+
+    def forward(self, x):
+        time.sleep(0.05)
+        return super().forward(x)
+
+
+def _attach_in_a_process(root: Path, cache: Path, start, messages_file: Path) -> None:
+    """One run's start on the shared cache, in its own process as a study job is (spawned: run by the test below)."""
+    import kd_lightning.callbacks.teacher_cache as module_under_test
+
+    seen: list[str] = []
+    module_under_test.rank_zero_info = lambda msg, *a, **k: seen.append(str(msg))
+    student, teacher = nets()
+    model = DistillationModule(student=student, teacher=SlowTeacher(*teacher), num_classes=3)
+    dm = datamodule(root)
+    callback = TeacherCache(str(cache), views=2)
+    callback.check_settings(model, dm)
+    start.wait()
+    callback.attach(model, dm)
+    messages_file.write_text("\n".join(seen))
+
+
+def test_runs_started_together_on_one_cache_build_it_once_and_read_it_complete(tmp_path, folder):
+    """The seeds of a study under ``--launcher local --jobs N`` share one cache and start together: one builds, the
+    others wait and then use it (before the build lock each rebuilt the same files, truncating them under the
+    other)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    cache, start = tmp_path / "cache", context.Barrier(2)
+    files = [tmp_path / f"messages_{i}.txt" for i in range(2)]
+    runs = [context.Process(target=_attach_in_a_process, args=(folder, cache, start, file)) for file in files]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(120)
+    assert [run.exitcode for run in runs] == [0, 0]
+    text = "\n".join(file.read_text() for file in files)
+    assert text.count("building the teacher cache") == 1, text
+    assert text.count("another run is building the cache") == 1 and text.count("using the cached") == 1, text
+    store = TeacherLogitsStore(cache)
+    assert store.stale_reason(store.manifest["parts"]) is None
+    teacher, dm = nets()[1], datamodule(folder)
+    dm.setup("fit")
+    for row in range(len(dm.train_set)):  # every row complete: the teacher's logits on its views
+        for view in range(2):
+            image = make_view(dm.train_set, row, view_seed(0, row, view))[0]
+            with torch.no_grad():
+                expected = teacher(image[None])[0]
+            torch.testing.assert_close(store.logits(row, view), expected, rtol=1e-3, atol=1e-3)

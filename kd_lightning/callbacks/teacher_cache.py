@@ -15,7 +15,8 @@ At ``setup`` of a fit, before anything trains, it fingerprints the teacher's wei
 transform, the cache seed, ``views``, the storage, the teacher's precision and the mixing (the MixUp/CutMix
 settings, when on). A matching, complete cache in ``dirpath`` is used as it is; anything else (none yet, a partial
 build, another teacher, other data, transforms or mixing, a damaged file) is rebuilt there, with one message that
-says why. Under DDP every rank computes its share of the rows (rows ``r::world``) into one memory-mapped file; rank
+says why. Runs that start together on one cache (a study's seeds as parallel jobs) build it once: the first
+holds a lock on the folder while it builds, the others wait for it. Under DDP every rank computes its share of the rows (rows ``r::world``) into one memory-mapped file; rank
 0 writes the manifest last. Validation and test still run the teacher (``teacher_acc``, ``agreement`` and ``kl``
 stay measured on clean images).
 
@@ -35,11 +36,14 @@ fingerprint, so a cache built for other ones is rebuilt. See :mod:`kd_lightning.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -53,6 +57,8 @@ from kd_lightning.data.teacher_cache import (
     describe_part,
     fingerprint,
 )
+
+BUILD_LOCK = ".build.lock"  # in the cache's folder; an OS lock, released when its process ends (kill -9 included)
 
 
 class TeacherCache(Callback):
@@ -145,16 +151,37 @@ class TeacherCache(Callback):
         self.fingerprint = fingerprint(parts)
         kind = "views" if "mixing" not in parts else "MixUp/CutMix views"
         ranks = _Ranks(trainer, pl_module)
-        store = TeacherLogitsStore(self.dirpath)
-        reason = ranks.broadcast(store.stale_reason(parts) if ranks.is_global_zero else None)
-        if reason is None:
-            rank_zero_info(f"TeacherCache: using the cached teacher logits in '{self.dirpath}' "
-                           f"({len(train_set)} rows x {self.views} {kind}).")
-        else:
-            rank_zero_info(f"TeacherCache: building the teacher cache in '{self.dirpath}' ({len(train_set)} rows x "
-                           f"{self.views} {kind}) because {reason}.")
-            self.build(ranks, pl_module, datamodule, parts)
+        with self.build_lock(ranks):
+            store = TeacherLogitsStore(self.dirpath)
+            reason = ranks.broadcast(store.stale_reason(parts) if ranks.is_global_zero else None)
+            if reason is None:
+                rank_zero_info(f"TeacherCache: using the cached teacher logits in '{self.dirpath}' "
+                               f"({len(train_set)} rows x {self.views} {kind}).")
+            else:
+                rank_zero_info(f"TeacherCache: building the teacher cache in '{self.dirpath}' ({len(train_set)} rows "
+                               f"x {self.views} {kind}) because {reason}.")
+                self.build(ranks, pl_module, datamodule, parts)
         datamodule.attach_teacher_cache(TeacherLogitsStore(self.dirpath), self.seed, self.views)
+
+    @contextmanager
+    def build_lock(self, ranks: "_Ranks") -> Iterator[None]:
+        """Held by rank 0 from the staleness check to the end of a build: runs that start together on one cache
+        (the seeds of a study under ``--launcher local``) build it once; the others wait, then find it complete.
+        Without it each would truncate and rewrite the file the first one is already reading from."""
+        if not ranks.is_global_zero:  # the other ranks follow rank 0 through broadcast and barriers
+            yield
+            return
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(Path(self.dirpath) / BUILD_LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            rank_zero_info(f"TeacherCache: another run is building the cache in '{self.dirpath}'; waiting for it.")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def build(self, ranks: "_Ranks", pl_module: Any, datamodule: Any, parts: dict[str, str]) -> None:
         """Every rank runs the teacher on its rows' views (rows ``rank::world``) into the shared memory-mapped
