@@ -16,9 +16,9 @@ transform, the cache seed, ``views``, the storage, the teacher's precision and t
 settings, when on). A matching, complete cache in ``dirpath`` is used as it is; anything else (none yet, a partial
 build, another teacher, other data, transforms or mixing, a damaged file) is rebuilt there, with one message that
 says why. Runs that start together on one cache (a study's seeds as parallel jobs) build it once: the first
-holds a lock on the folder while it builds, the others wait for it. Under DDP every rank computes its share of the rows (rows ``r::world``) into one memory-mapped file; rank
-0 writes the manifest last. Validation and test still run the teacher (``teacher_acc``, ``agreement`` and ``kl``
-stay measured on clean images).
+holds a lock on the folder while it builds, the others wait for it. Under DDP every rank computes its share of the
+rows (rows ``r::world``) into one memory-mapped file; rank 0 writes the manifest last. Validation and test still
+run the teacher (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
 
 With ``views: K`` an epoch shows each row in one of its K views, so K epochs see K different crops; past K epochs
 the views repeat (online KD draws a fresh crop every time). Every head of a multi-head teacher (GoogLeNet's
