@@ -136,6 +136,60 @@ def test_a_serial_study_stopped_by_ctrl_c_marks_its_run_stopped_not_failed(tmp_p
 
 
 @pytest.mark.slow
+def test_a_run_training_in_another_process_is_not_started_twice(tmp_path):
+    """The same study started again (another terminal) while its run trains: one line that names the run and the
+    process, and nothing of the training run touched; the run's own start is not blocked by its lock."""
+    import signal
+    import subprocess
+    import time
+
+    study = write_study(tmp_path / "study.yaml", overrides={"trainer.max_epochs": 5000},
+                        runs={"teacher": {"configs": [str(DIGITS / "teacher.yaml")]}})
+    command = [sys.executable, "-m", "kd_lightning", "study", str(study), "--out", "out"]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "out" / "teacher" / "seed_0"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / STATUS_FILE).is_file():
+            time.sleep(0.2)
+        launch_files = ("job.json", "started.json", FAILED_FILE)
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name in launch_files}
+        second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and f"seed 0 teacher is training in process {first.pid} on " in err[0], err
+        assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name in launch_files} == before
+        assert sorted(p.name for p in run.parent.iterdir()) == ["seed_0"]  # nothing set aside
+        assert first.poll() is None  # still training
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+
+
+def test_a_job_whose_run_is_locked_by_another_process_refuses_before_touching_its_folder(tmp_path):
+    """The job's own check (a duplicate SLURM job, or a launch that raced past the study's check): execute() refuses
+    while another process holds the run's lock, and trains once the lock is free."""
+    from filelock import FileLock
+
+    from kd_lightning.commands.study.jobs import RUN_LOCK, StudyError, execute
+
+    run = plan(load_study(write_study(tmp_path / "study.yaml", runs={"teacher": {
+        "configs": [str(DIGITS / "teacher.yaml")]}})), tmp_path / "out")[0]
+    run.config_hash = check_and_hash(run)
+    run.folder.mkdir(parents=True)
+    other = FileLock(run.folder / RUN_LOCK)  # another open of the lock file: as another process's
+    other.acquire()
+    try:
+        with pytest.raises(StudyError, match="seed 0 teacher is training in another process"):
+            execute(run)
+        assert sorted(p.name for p in run.folder.iterdir()) == [RUN_LOCK]  # nothing written
+    finally:
+        other.release()
+    result, how = execute(run)
+    assert how == "trained" and result.test_acc_best > 0.5
+
+
+@pytest.mark.slow
 def test_a_failed_teacher_blocks_its_students_and_a_new_start_runs_only_what_is_not_done(tmp_path, capsys,
                                                                                           tests_on_pythonpath):
     failing = {"trainer.callbacks+": {"class_path": KILL, "init_args": {"epoch": 1, "signal_name": "RAISE"}}}

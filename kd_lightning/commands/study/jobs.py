@@ -8,7 +8,8 @@ from anywhere while jobs run:
 * ``status.json``: while it trains, its step, the run's length, the latest ``val/acc`` and an ETA
   (:class:`RunProgress`);
 * ``run.log``: the run's whole output; ``failed.json``: the last error line, when it failed;
-* ``run.json``: its results, written last (atomically): the run is finished.
+* ``run.json``: its results, written last (atomically): the run is finished;
+* ``.run.lock``: held by the process that trains it, so that a second launch of the run is refused.
 
 A finished run is never deleted: a folder that holds another run (its settings changed, or ``--retrain``) is set
 aside under a name that says so, and the study says where.
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
+from filelock import FileLock, Timeout
 
 from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.commands.study.plan import PlannedRun
@@ -39,9 +41,9 @@ from kd_lightning.commands.study.spec import RunSpec, StudyError
 from kd_lightning.log_steps import is_logged_step
 from kd_lightning.measure import network_cost
 
-JOB_FILE, STATUS_FILE, FAILED_FILE, LOG_FILE, RUN_FILE, STARTED_FILE = (
-    "job.json", "status.json", "failed.json", "run.log", "run.json", "started.json")
-LAUNCH = (JOB_FILE, "slurm")  # what the launch that runs the job now put in its folder (submitit's files)
+JOB_FILE, STATUS_FILE, FAILED_FILE, LOG_FILE, RUN_FILE, STARTED_FILE, RUN_LOCK = (
+    "job.json", "status.json", "failed.json", "run.log", "run.json", "started.json", ".run.lock")
+LAUNCH = (JOB_FILE, "slurm", RUN_LOCK)  # what the launch that runs the job now put in its folder (submitit's files)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -102,6 +104,43 @@ def interrupted_checkpoint(run: PlannedRun) -> Path | None:
     started = read_json(run.folder / STARTED_FILE) or {}
     last = run.folder / "checkpoints" / "last.ckpt"
     return last if started.get("config_hash") == run.config_hash and last.is_file() else None
+
+
+@contextlib.contextmanager
+def training_lock(run: PlannedRun) -> Iterator[None]:
+    """Held by the process that trains ``run``, from before it touches the folder to the end: a second launch of
+    the same run (the study started again in another terminal, a duplicate job) is refused in one line instead of
+    training into the same checkpoints. An OS lock on ``.run.lock``: a killed process holds it no longer."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run.folder / RUN_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StudyError(training_elsewhere_message(run)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def is_training_elsewhere(run: PlannedRun) -> bool:
+    """Whether another process holds ``run``'s training lock (a check that writes nothing)."""
+    if not (run.folder / RUN_LOCK).is_file():
+        return False
+    lock = FileLock(run.folder / RUN_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def training_elsewhere_message(run: PlannedRun) -> str:
+    status = read_json(run.folder / STATUS_FILE) or {}
+    where = f"process {status['pid']} on {status['host']}" if status.get("pid") else "another process"
+    return (f"{run.title} is training in {where} ({run.folder}); a run is never trained by two processes at once. "
+            "Wait for it (--status shows where it stands) or stop it, then start the study again.")
 
 
 def set_aside(folder: Path) -> Path | None:
@@ -197,6 +236,14 @@ def execute(run: PlannedRun, retrain: bool = False, verbose: bool = False) -> tu
         return result, "finished before"
     if run.teacher is not None and finished_result(run.teacher) is None:
         raise StudyError(f"{run.title}: its teacher ({run.teacher.folder}) has not finished; train it first.")
+    with training_lock(run):
+        result = None if retrain else finished_result(run)  # it may have finished while this launch waited
+        if result is not None:
+            return result, "finished before"
+        return _train_locked(run, retrain, verbose)
+
+
+def _train_locked(run: PlannedRun, retrain: bool, verbose: bool) -> tuple[RunResult, str]:
     resume_from = None if retrain else interrupted_checkpoint(run)
     how, kept = ("resumed", None) if resume_from else ("trained", set_aside(run.folder))
     if kept is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kd_lightning.commands.study.jobs import is_training_elsewhere, training_elsewhere_message
 from kd_lightning.commands.study.launchers import Launcher, SerialLauncher
 from kd_lightning.commands.study.plan import PlannedRun, check_and_hash, plan
 from kd_lightning.commands.study.report import (RunResult, mean_curve, plot_results, read_scalar_curve, summarize,
@@ -28,6 +29,11 @@ def run_study(spec: StudySpec, out: str | Path, launcher: Launcher | None = None
     if unknown:
         raise StudyError(f"--retrain names {unknown}, which are not runs of this study "
                          f"({', '.join(r.name for r in spec.runs)}).")
+    if launcher.trains_here:  # before anything is written; a job checks again when it starts (training_lock)
+        busy = [run for run in planned if is_training_elsewhere(run)]
+        if busy:
+            others = f" Also training elsewhere: {', '.join(r.title for r in busy[1:])}." if busy[1:] else ""
+            raise StudyError(training_elsewhere_message(busy[0]) + others)
     if any(run.tune is not None for run in spec.runs):
         from kd_lightning.commands.study.tuning import check_tunes, tuned_spec
 
