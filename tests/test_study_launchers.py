@@ -189,6 +189,29 @@ def test_a_job_whose_run_is_locked_by_another_process_refuses_before_touching_it
     assert how == "trained" and result.test_acc_best > 0.5
 
 
+def test_only_the_first_task_of_a_multi_process_job_takes_the_run_lock(tmp_path, monkeypatch):
+    """A SLURM job with several tasks (one per GPU) runs the job once per task: the other tasks must not be refused
+    by the first task's lock."""
+    from filelock import FileLock
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from kd_lightning.commands.study.jobs import RUN_LOCK, StudyError, training_lock
+
+    run = plan(load_study(write_study(tmp_path / "study.yaml")), tmp_path / "out")[0]
+    run.folder.mkdir(parents=True)
+    first_task = FileLock(run.folder / RUN_LOCK)
+    first_task.acquire()
+    try:
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        with training_lock(run):
+            pass
+        monkeypatch.setattr(rank_zero_only, "rank", 0)
+        with pytest.raises(StudyError), training_lock(run):
+            pass
+    finally:
+        first_task.release()
+
+
 @pytest.mark.slow
 def test_a_failed_teacher_blocks_its_students_and_a_new_start_runs_only_what_is_not_done(tmp_path, capsys,
                                                                                           tests_on_pythonpath):

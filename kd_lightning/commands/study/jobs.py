@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import lightning.pytorch as pl
 from filelock import FileLock, Timeout
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.commands.study.plan import PlannedRun
@@ -110,7 +111,11 @@ def interrupted_checkpoint(run: PlannedRun) -> Path | None:
 def training_lock(run: PlannedRun) -> Iterator[None]:
     """Held by the process that trains ``run``, from before it touches the folder to the end: a second launch of
     the same run (the study started again in another terminal, a duplicate job) is refused in one line instead of
-    training into the same checkpoints. An OS lock on ``.run.lock``: a killed process holds it no longer."""
+    training into the same checkpoints. An OS lock on ``.run.lock``: a killed process holds it no longer. Only the
+    first process of a multi-process job takes it (a SLURM job with several tasks runs the job once per task)."""
+    if rank_zero_only.rank != 0:  # set by Lightning from RANK, LOCAL_RANK or SLURM_PROCID
+        yield
+        return
     run.folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(run.folder / RUN_LOCK)
     try:
