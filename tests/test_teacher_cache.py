@@ -395,3 +395,29 @@ def test_runs_started_together_on_one_cache_build_it_once_and_read_it_complete(t
             with torch.no_grad():
                 expected = teacher(image[None])[0]
             torch.testing.assert_close(store.logits(row, view), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_cache_that_another_run_trains_from_is_not_rebuilt_under_it(tmp_path, folder, info):
+    """Two runs of other settings on one cache folder (e.g. a search over the crop scale, two label fractions): the
+    second is refused while the first trains from the cache, instead of rewriting the logits it reads."""
+    cache = tmp_path / "cache"
+
+    def start(teacher_seed: int = 0) -> TeacherCache:
+        callback, model, dm = TeacherCache(str(cache), views=2), module(teacher_seed), datamodule(folder)
+        callback.check_settings(model, dm)
+        callback.attach(model, dm)
+        return callback
+
+    training = start()  # a run whose fit has not ended
+    built_for = TeacherLogitsStore(cache).manifest["parts"]["teacher"]
+    with pytest.raises(RuntimeError, match=r"a different teacher\) that 1 other run\(s\) are training from"):
+        start(teacher_seed=1)
+    assert TeacherLogitsStore(cache).manifest["parts"]["teacher"] == built_for  # untouched
+    same = start()  # the same settings are served as before
+    assert "using the cached teacher logits" in messages(info)
+    same.release_reader()
+    training.release_reader()  # its fit ended
+    (cache / "readers" / "123-dead.lock").touch()  # left by a killed run: held by no one
+    start(teacher_seed=1).release_reader()
+    assert "built for a different teacher" in messages(info)
+    assert not list((cache / "readers").iterdir())

@@ -16,7 +16,8 @@ transform, the cache seed, ``views``, the storage, the teacher's precision and t
 settings, when on). A matching, complete cache in ``dirpath`` is used as it is; anything else (none yet, a partial
 build, another teacher, other data, transforms or mixing, a damaged file) is rebuilt there, with one message that
 says why. Runs that start together on one cache (a study's seeds as parallel jobs) build it once: the first
-holds a lock on the folder while it builds, the others wait for it. Under DDP every rank computes its share of the
+holds a lock on the folder while it builds, the others wait for it; a run whose settings differ is refused, in one
+line, while another run trains from the cache it would replace. Under DDP every rank computes its share of the
 rows (rows ``r::world``) into one memory-mapped file; rank 0 writes the manifest last. Validation and test still
 run the teacher (``teacher_acc``, ``agreement`` and ``kl`` stay measured on clean images).
 
@@ -35,7 +36,9 @@ fingerprint, so a cache built for other ones is rebuilt. See :mod:`kd_lightning.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -59,6 +62,7 @@ from kd_lightning.data.teacher_cache import (
 )
 
 BUILD_LOCK = ".build.lock"  # in the cache's folder; an OS lock, released when its process ends (kill -9 included)
+READERS = "readers"  # in the cache's folder: one lock file per run training from it
 
 
 class TeacherCache(Callback):
@@ -96,6 +100,7 @@ class TeacherCache(Callback):
         self.dtype, self.top_k, self.batch_size, self.precision = dtype, top_k, batch_size, precision
         self.fingerprint: str | None = None
         self._random_views = True  # whether the training transform is random (checked by check_settings)
+        self._reader: FileLock | None = None  # held while this run trains from the cache
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def check_settings(self, pl_module: pl.LightningModule, datamodule: Any = None, stage: str = "fit") -> None:
@@ -158,10 +163,45 @@ class TeacherCache(Callback):
                 rank_zero_info(f"TeacherCache: using the cached teacher logits in '{self.dirpath}' "
                                f"({len(train_set)} rows x {self.views} {kind}).")
             else:
+                readers = ranks.broadcast(self.other_readers() if ranks.is_global_zero else 0)
+                if readers:
+                    raise RuntimeError(
+                        f"TeacherCache: '{self.dirpath}' holds a cache of other settings ({reason}) that {readers} "
+                        "other run(s) are training from; rebuilding it would change their logits under them. Give "
+                        "this run its own folder (the TeacherCache's dirpath), or start it when they have finished.")
                 rank_zero_info(f"TeacherCache: building the teacher cache in '{self.dirpath}' ({len(train_set)} rows "
                                f"x {self.views} {kind}) because {reason}.")
                 self.build(ranks, pl_module, datamodule, parts)
+            self.register_reader()  # under the build lock: no rebuild can start between the check and this
         datamodule.attach_teacher_cache(TeacherLogitsStore(self.dirpath), self.seed, self.views)
+
+    # A run training from the cache holds a lock file of its own in <dirpath>/readers/ until its fit ends (the OS
+    # releases it if the process dies); a build that would replace a complete cache first checks that none is held.
+    def register_reader(self) -> None:
+        folder = Path(self.dirpath) / READERS
+        folder.mkdir(parents=True, exist_ok=True)
+        self._reader = FileLock(folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.lock")
+        self._reader.acquire()
+
+    def release_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.release()
+            Path(self._reader.lock_file).unlink(missing_ok=True)
+            self._reader = None
+
+    def other_readers(self) -> int:
+        """How many other runs hold a reader lock in this cache's folder (a lock left by a dead process is removed)."""
+        held = 0
+        for path in sorted((Path(self.dirpath) / READERS).glob("*.lock")):
+            lock = FileLock(path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                held += 1
+                continue
+            lock.release()
+            path.unlink(missing_ok=True)
+        return held
 
     @contextmanager
     def build_lock(self, ranks: "_Ranks") -> Iterator[None]:
@@ -215,8 +255,13 @@ class TeacherCache(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
-        if stage == "fit" and hasattr(datamodule, "attach_teacher_cache"):
-            datamodule.attach_teacher_cache(None)  # a later trainer.test() or a fit without this callback goes online
+        if stage == "fit":
+            self.release_reader()
+            if hasattr(datamodule, "attach_teacher_cache"):
+                datamodule.attach_teacher_cache(None)  # a later trainer.test() or a fit without it goes online
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.release_reader()
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint}
