@@ -20,6 +20,7 @@ EXPERIMENTS = ROOT / "experiments"
 # Overlays that make sense after some run files only (default: after every run file of their folder).
 OVERLAY_TARGETS = {"flowers_transfer/teacher_cache.yaml": ["kd.yaml"],  # offline KD needs a teacher's logits
                    "flowers_transfer/function_matching.yaml": ["kd.yaml"],  # offline function matching, too
+                   "flowers_transfer/function_matching_all_labels.yaml": ["kd.yaml"],  # ... with all labels
                    "flowers_transfer/teacher_same_labels.yaml": ["teacher.yaml"]}  # a variant of the teacher
 
 
