@@ -157,3 +157,16 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, digits_checkpo
 
 def test_there_are_at_least_27_cases():
     assert len(CASES) >= 27
+
+
+def test_output_read_by_a_pipe_that_closes_early_ends_quietly(tmp_path):
+    """``kd-lightning ... | head``: when the reader leaves, the command stops with the pipeline's status (141), not a
+    BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "kd_lightning", "--help"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader left before the command wrote anything
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and "Traceback" not in err, err

@@ -6,6 +6,7 @@ line ``kd-lightning: error: ...`` and exit status 2 (:mod:`kd_lightning.commands
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # LightningCLI's subcommands on experiment configs, and kd-lightning's own: name -> what it does
@@ -41,6 +42,14 @@ def overview() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``kd-lightning ARGS`` (``argv``: the arguments after the program name; None: the command line's)."""
+    try:
+        _dispatch(argv)
+    except BrokenPipeError:  # the reader of our output left (``kd-lightning study S --status | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(141)  # 128 + SIGPIPE, as a shell pipeline reports it
+
+
+def _dispatch(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(overview())
