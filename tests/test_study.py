@@ -148,13 +148,27 @@ def test_more_seeds_reuse_the_shared_teacher(tmp_path):
 
 
 # -- running --------------------------------------------------------------------------------------------------
+def test_a_serial_study_prints_its_progress_at_the_terminal_not_into_the_runs_log(tmp_path, capsys, monkeypatch):
+    """A serial study trains in this process with its output sent to the run's run.log: the progress lines must
+    still reach the terminal (they went into run.log, so the terminal showed nothing until a run ended)."""
+    from kd_lightning.commands.study import launchers
+
+    monkeypatch.setattr(launchers, "PROGRESS_EVERY_S", 0.05)
+    study = write_study(tmp_path / "study.yaml", runs={"teacher": {"configs": [str(DIGITS / "teacher.yaml")]}},
+                        overrides={"trainer.max_epochs": 3})
+    main([str(study), "--out", str(tmp_path / "out")])
+    shown = [line for line in capsys.readouterr().out.splitlines() if "done; running: seed 0 teacher step" in line]
+    assert shown, "no progress line at the terminal"
+    assert "done; running:" not in (tmp_path / "out" / "teacher" / "seed_0" / "run.log").read_text()
+
+
 def test_tiny_study_end_to_end(tmp_path, capsys):
     study = write_study(tmp_path / "study.yaml", seeds=[0, 1],
                         overrides={"data.init_args.split_seed": "${seed}"}, title="tiny digits")
     out = tmp_path / "out"
     rows = main([str(study), "--out", str(out)])
 
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and "running:" not in line]
     assert len(lines) == 6 and all(PROGRESS.match(line) for line in lines), lines
     assert [(r["run"], r["seeds"]) for r in rows] == [("teacher", 2), ("kd_student", 2), ("scratch_student", 2)]
     assert rows[0]["params"] > 10 * rows[1]["params"] and rows[1]["params"] == rows[2]["params"]
@@ -217,7 +231,7 @@ def test_stopped_study_resumes_without_retraining_finished_runs(tmp_path, monkey
     assert teacher_ckpt in before and all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
     # the stopped attempt's folder (its run.log says why it stopped) is kept beside the new one, not deleted
     assert [p.name for p in (out / "scratch_student").iterdir() if "set-aside" in p.name]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and "running:" not in line]
     assert [line.endswith("(finished before: skipped)") for line in lines] == [True, True, False]
     assert [r["run"] for r in rows] == ["teacher", "kd_student", "scratch_student"]
 
