@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -60,6 +60,7 @@ from kd_lightning.data.teacher_cache import (
     describe_part,
     fingerprint,
 )
+from kd_lightning.file_locks import held_elsewhere, try_lock
 
 BUILD_LOCK = ".build.lock"  # in the cache's folder; an OS lock, released when its process ends (kill -9 included)
 READERS = "readers"  # in the cache's folder: one lock file per run training from it
@@ -193,14 +194,10 @@ class TeacherCache(Callback):
         """How many other runs hold a reader lock in this cache's folder (a lock left by a dead process is removed)."""
         held = 0
         for path in sorted((Path(self.dirpath) / READERS).glob("*.lock")):
-            lock = FileLock(path)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            if held_elsewhere(path):
                 held += 1
-                continue
-            lock.release()
-            path.unlink(missing_ok=True)
+            else:
+                path.unlink(missing_ok=True)
         return held
 
     @contextmanager
@@ -212,11 +209,10 @@ class TeacherCache(Callback):
             yield
             return
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        lock = FileLock(Path(self.dirpath) / BUILD_LOCK)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = try_lock(Path(self.dirpath) / BUILD_LOCK)
+        if lock is None:
             rank_zero_info(f"TeacherCache: another run is building the cache in '{self.dirpath}'; waiting for it.")
+            lock = FileLock(Path(self.dirpath) / BUILD_LOCK)
             lock.acquire()
         try:
             yield

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
-from filelock import FileLock, Timeout
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.commands.study.plan import PlannedRun
 from kd_lightning.commands.study.report import RunResult
 from kd_lightning.commands.study.spec import RunSpec, StudyError
+from kd_lightning.file_locks import held_elsewhere, try_lock
 from kd_lightning.log_steps import is_logged_step
 from kd_lightning.measure import network_cost
 
@@ -117,11 +117,9 @@ def training_lock(run: PlannedRun) -> Iterator[None]:
         yield
         return
     run.folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run.folder / RUN_LOCK)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise StudyError(training_elsewhere_message(run)) from None
+    lock = try_lock(run.folder / RUN_LOCK)
+    if lock is None:
+        raise StudyError(training_elsewhere_message(run))
     try:
         yield
     finally:
@@ -130,15 +128,7 @@ def training_lock(run: PlannedRun) -> Iterator[None]:
 
 def is_training_elsewhere(run: PlannedRun) -> bool:
     """Whether another process holds ``run``'s training lock (a check that writes nothing)."""
-    if not (run.folder / RUN_LOCK).is_file():
-        return False
-    lock = FileLock(run.folder / RUN_LOCK)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
+    return held_elsewhere(run.folder / RUN_LOCK)
 
 
 def training_elsewhere_message(run: PlannedRun) -> str:
@@ -242,7 +232,7 @@ def execute(run: PlannedRun, retrain: bool = False, verbose: bool = False) -> tu
     if run.teacher is not None and finished_result(run.teacher) is None:
         raise StudyError(f"{run.title}: its teacher ({run.teacher.folder}) has not finished; train it first.")
     with training_lock(run):
-        result = None if retrain else finished_result(run)  # it may have finished while this launch waited
+        result = None if retrain else finished_result(run)  # another process may have finished it since the check
         if result is not None:
             return result, "finished before"
         return _train_locked(run, retrain, verbose)

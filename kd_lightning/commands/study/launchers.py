@@ -54,14 +54,18 @@ def progress_line(runs: Sequence[PlannedRun], done: int, total: int, start: floa
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines (when they changed)
 
 
+def terminal_log() -> Log:
+    """A study's log: lines to stdout as it is now. ``print`` would look stdout up at each call, and while a serial
+    run trains its output (stdout included) goes to its run.log, so the progress lines would land there."""
+    stream = sys.stdout
+    return lambda line: print(line, file=stream, flush=True)
+
+
 class ProgressPrinter:
     """A background thread that prints :func:`progress_line` every ``every_s`` seconds while runs train, when it
     changed (the runs' own output goes to their run.log)."""
 
     def __init__(self, log: Log, line: Callable[[], str], every_s: float | None = None) -> None:
-        if log is print:  # to the terminal's stdout as it is now: a serial run's output goes to its run.log meanwhile
-            stream = sys.stdout
-            log = lambda text: print(text, file=stream, flush=True)  # noqa: E731
         self.log, self.line, self.every_s = log, line, every_s or PROGRESS_EVERY_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)

@@ -8,19 +8,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kd_lightning.commands.study.jobs import is_training_elsewhere, training_elsewhere_message
-from kd_lightning.commands.study.launchers import Launcher, SerialLauncher
+from kd_lightning.commands.study.launchers import Launcher, SerialLauncher, terminal_log
 from kd_lightning.commands.study.plan import PlannedRun, check_and_hash, plan
 from kd_lightning.commands.study.report import (RunResult, mean_curve, plot_results, read_scalar_curve, summarize,
                                                 write_results)
 from kd_lightning.commands.study.spec import StudyError, StudySpec
 
 
-def run_study(spec: StudySpec, out: str | Path, launcher: Launcher | None = None, log: Callable[[str], None] = print,
-              retrain: Sequence[str] = ()) -> list[dict[str, Any]] | None:
+def run_study(spec: StudySpec, out: str | Path, launcher: Launcher | None = None,
+              log: Callable[[str], None] | None = None, retrain: Sequence[str] = ()) -> list[dict[str, Any]] | None:
     """Check every run, have ``launcher`` (default: :class:`SerialLauncher`) run those not finished before, and
     write ``results.{md,csv,json}`` and ``results.png`` to ``out`` once every run is done; returns the summary rows
     (None while runs are still queued elsewhere, e.g. on SLURM)."""
-    out = Path(out)
+    out, log = Path(out), log or terminal_log()
     planned = plan(spec, out)
     launcher = launcher or SerialLauncher()
     for run in planned:  # in training order, so a teacher's hash is known before its students'
