@@ -212,6 +212,60 @@ def test_only_the_first_task_of_a_multi_process_job_takes_the_run_lock(tmp_path,
         first_task.release()
 
 
+def test_a_run_setting_up_shows_as_starting_and_as_stopped_once_its_process_has_ended(tmp_path, monkeypatch, capsys):
+    """Before its first step a run loads its data and teacher, or builds a teacher cache (12 min for the flowers
+    function-matching cache): the progress line showed nothing and --status said "queued" all that time, or an
+    earlier stopped attempt's step as if it were training."""
+    import time
+
+    from kd_lightning.commands.study import jobs, launchers
+    from kd_lightning.commands.study.status import run_state
+
+    study = write_study(tmp_path / "study.yaml", runs={"teacher": {"configs": [str(DIGITS / "teacher.yaml")]}})
+    out = tmp_path / "out"
+    run = plan(load_study(study), out)[0]
+    run.config_hash = check_and_hash(run)
+    run.folder.mkdir(parents=True)
+    write_json(run.folder / JOB_FILE, {"launcher": "local", "config_hash": run.config_hash})
+    write_json(run.folder / STATUS_FILE, {"state": "running", "step": 7, "max_steps": 8, "updated_at": time.time(),
+                                          "host": "vm", "pid": 1})  # an earlier attempt's, stopped at step 7
+    seen = {}
+
+    def setting_up(planned_run, resume_from=None, callbacks=None):  # stands for the CLI before its first step
+        seen["status.json"] = json.loads((run.folder / STATUS_FILE).read_text())
+        seen["progress"] = launchers.progress_line([planned_run], 0, 1, time.perf_counter())
+        seen["--status"] = run_state(planned_run, None)  # what --status shows (its stdout is the run's log here)
+        raise KeyboardInterrupt  # the process ends (Ctrl-C) before its first step
+
+    monkeypatch.setattr(jobs, "train_run", setting_up)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.execute(run)
+    assert seen["status.json"]["state"] == "starting" and seen["status.json"]["pid"] == os.getpid()
+    assert "running: seed 0 teacher starting (0 min)" in seen["progress"] and "step 7" not in seen["progress"]
+    assert seen["--status"].state == "running" and seen["--status"].detail.startswith("starting for 0 min")
+    main([str(study), "--out", str(out), "--status"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0 teacher"))
+    assert "stopped" in line and "while starting" in line, line
+
+
+def test_a_serial_studys_progress_shows_the_run_in_progress_not_a_later_runs_stopped_attempt(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import time
+
+    from kd_lightning.commands.study import launchers
+
+    monkeypatch.setattr(launchers, "PROGRESS_EVERY_S", 0.05)
+    study = write_study(tmp_path / "study.yaml", overrides={"trainer.max_epochs": 3}, runs={
+        "teacher": {"configs": [str(DIGITS / "teacher.yaml")]}, "scratch": {"configs": [str(DIGITS / "scratch.yaml")]}})
+    later = tmp_path / "out" / "scratch" / "seed_0"
+    later.mkdir(parents=True)
+    write_json(later / STATUS_FILE, {"state": "running", "step": 7, "max_steps": 8, "updated_at": time.time()})
+    main([str(study), "--out", str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "running:" in line]
+    assert any("seed 0 teacher step" in line for line in lines), lines
+    assert not any("scratch step 7/8" in line for line in lines), lines
+
+
 @pytest.mark.slow
 def test_a_failed_teacher_blocks_its_students_and_a_new_start_runs_only_what_is_not_done(tmp_path, capsys,
                                                                                           tests_on_pythonpath):

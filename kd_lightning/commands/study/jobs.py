@@ -5,8 +5,8 @@ Its folder ``<out>/<run>/seed_<seed>/`` says where it stands, so that ``kd-light
 from anywhere while jobs run:
 
 * ``job.json``: what it runs (arguments, the hash of its settings, its teacher), written when it is launched;
-* ``status.json``: while it trains, its step, the run's length, the latest ``val/acc`` and an ETA
-  (:class:`RunProgress`);
+* ``status.json``: ``starting`` from when its process takes it until its first step (data, teacher, a teacher
+  cache to build), then its step, the run's length, the latest ``val/acc`` and an ETA (:class:`RunProgress`);
 * ``run.log``: the run's whole output; ``failed.json``: the last error line, when it failed;
 * ``run.json``: its results, written last (atomically): the run is finished;
 * ``.run.lock``: held by the process that trains it, so that a second launch of the run is refused.
@@ -156,6 +156,11 @@ def set_aside(folder: Path) -> Path | None:
     return target
 
 
+def where_it_runs() -> dict[str, Any]:
+    """The host, process and SLURM job of this process, as ``status.json`` records them."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
 class RunProgress(pl.Callback):
     """Writes the run's progress to ``status.json`` (at most every ``every_s`` seconds, and after every
     validation): step, the run's length in steps, the latest ``val/acc``, an ETA, and where it runs."""
@@ -175,9 +180,7 @@ class RunProgress(pl.Callback):
         done = step - self.first_step
         eta = None if not done or not total or total == float("inf") else elapsed / done * (total - step)
         write_json(self.path, {"state": state, "step": step, "max_steps": None if total == float("inf") else int(total),
-                               "val_acc": self.val_acc, "eta_s": eta, "updated_at": time.time(),
-                               "host": socket.gethostname(), "pid": os.getpid(),
-                               "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+                               "val_acc": self.val_acc, "eta_s": eta, "updated_at": time.time(), **where_it_runs()})
         self.last_write = time.time()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -248,6 +251,10 @@ def _train_locked(run: PlannedRun, retrain: bool, verbose: bool) -> tuple[RunRes
     (run.folder / FAILED_FILE).unlink(missing_ok=True)
     if resume_from is None:
         write_json(run.folder / STARTED_FILE, {"config_hash": run.config_hash})
+    # until its first step (data, teacher, a teacher cache to build: minutes) the run is "starting", not "queued",
+    # and an earlier attempt's step is no longer shown as where it stands
+    if rank_zero_only.rank == 0:
+        write_json(run.folder / STATUS_FILE, {"state": "starting", "updated_at": time.time(), **where_it_runs()})
     with output_to(run.folder / LOG_FILE, verbose):
         try:
             result = train_run(run, resume_from, callbacks=[RunProgress(run.folder)])

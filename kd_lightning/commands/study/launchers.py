@@ -33,10 +33,12 @@ def result_line(run: PlannedRun, result: RunResult, how: str, start: float) -> s
 
 
 def progress_line(runs: Sequence[PlannedRun], done: int, total: int, start: float) -> str:
-    """``[  35.2s] 3/15 done; running: seed 0 kd step 240/480, val acc 93.0%, ETA 12 s; ...``"""
+    """``[  35.2s] 3/15 done; running: seed 0 kd step 240/480, val acc 93.0%, ETA 12 s; seed 1 kd starting (2 min)``"""
     parts = []
     for run in runs:
         status = read_json(run.folder / STATUS_FILE) or {}
+        if status.get("state") == "starting":  # data, teacher, a teacher cache to build: before its first step
+            parts.append(f"{run.title} starting ({(time.time() - float(status.get('updated_at', 0))) / 60:.0f} min)")
         if status.get("state") not in ("running", "testing"):
             continue
         part = f"{run.title} step {status.get('step')}/{status.get('max_steps') or '?'}"
@@ -106,9 +108,11 @@ class SerialLauncher(Launcher):
         self.verbose = verbose
 
     def run(self, planned: Sequence[PlannedRun], log: Log, retrain: set[str]) -> list[RunResult]:
-        start, results = time.perf_counter(), []
-        with ProgressPrinter(log, lambda: progress_line(planned, len(results), len(planned), start)):
+        start, results, current = time.perf_counter(), [], []
+        # the run in progress only: a later run's status.json may be an earlier, stopped attempt's
+        with ProgressPrinter(log, lambda: progress_line(current, len(results), len(planned), start)):
             for run in planned:
+                current[:] = [run]
                 result, how = execute(run, retrain=run.spec.name in retrain, verbose=self.verbose)
                 results.append(result)
                 log(result_line(run, result, how, start))

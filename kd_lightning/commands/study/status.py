@@ -1,18 +1,21 @@
 """``kd-lightning study STUDY.yaml --status``: where every run x seed stands, read from the study folder alone (its
 runs' ``run.json``, ``status.json``, ``failed.json`` and ``job.json``), so it works on a login node while jobs run.
 
-States: ``done`` (test acc), ``running`` (step / max, val acc, ETA), ``queued`` (launched, not started),
-``failed`` (the last error line, the log's path), ``blocked`` (its teacher failed or is blocked), ``stopped`` (it
-trained, and stopped: the next start resumes it) and ``not started``.
+States: ``done`` (test acc), ``running`` (step / max, val acc, ETA; or starting: its data, teacher and teacher
+cache before the first step), ``queued`` (launched, not started), ``failed`` (the last error line, the log's path),
+``blocked`` (its teacher failed or is blocked), ``stopped`` (it started, and stopped: the next start takes it up
+again, from its last.ckpt if it has one) and ``not started``.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from kd_lightning.commands.study.jobs import FAILED_FILE, JOB_FILE, LOG_FILE, RUN_FILE, STATUS_FILE, read_json
+from kd_lightning.commands.study.jobs import (FAILED_FILE, JOB_FILE, LOG_FILE, RUN_FILE, STATUS_FILE,
+                                             is_training_elsewhere, read_json)
 from kd_lightning.commands.study.plan import PlannedRun
 from kd_lightning.commands.study.report import RunResult
 
@@ -41,6 +44,8 @@ def run_state(run: PlannedRun, teacher: RunState | None, now: float | None = Non
     if teacher is not None and teacher.state in ("failed", "blocked"):
         return RunState(run, "blocked", f"its teacher ({teacher.run.title}) {teacher.state}")
     status = read_json(run.folder / STATUS_FILE)
+    if status is not None and status.get("state") == "starting":
+        return starting_state(run, status, now)
     if status is not None and status.get("state") in ("running", "testing"):
         if now - float(status.get("updated_at", 0)) > STALE_S:
             return RunState(run, "stopped", f"at step {status.get('step')} (no progress for "
@@ -58,6 +63,20 @@ def run_state(run: PlannedRun, teacher: RunState | None, now: float | None = Non
             return RunState(run, "stopped", f"resumable from its last.ckpt ({where})")
         return RunState(run, "queued", where)
     return RunState(run, "not started")
+
+
+def starting_state(run: PlannedRun, status: dict, now: float) -> RunState:
+    """A run whose process took it and has not made its first step: setting up its data and teacher, or building a
+    teacher cache, which can take longer than ``STALE_S``. On this host its training lock says whether that process
+    is alive; elsewhere (a SLURM node) the minutes since it started say how long it has been at it."""
+    minutes = (now - float(status.get("updated_at", now))) / 60
+    here = status.get("host") == socket.gethostname() and not status.get("slurm_job_id")
+    if here and not is_training_elsewhere(run):
+        return RunState(run, "stopped", f"while starting, before its first step (its process {status.get('pid')} "
+                                        "has ended; the next start takes it up again)")
+    where = f"SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else f"{status.get('host')}"
+    return RunState(run, "running", f"starting for {minutes:.0f} min: data, teacher, teacher cache "
+                                    f"(log: {run.folder / LOG_FILE}) ({where})")
 
 
 def study_states(planned: Sequence[PlannedRun]) -> list[RunState]:
