@@ -117,6 +117,29 @@ def test_rows_carry_validation_accuracy_and_x_and_the_figure_plots_against_x(tmp
     assert png_width(tmp_path / "with_x.png") > 1.4 * png_width(tmp_path / "without_x.png")  # a third panel
 
 
+def test_long_run_labels_in_the_figure_do_not_run_into_each_other(tmp_path, monkeypatch):
+    """Five runs with labels such as "function matching, soft 0.5 / hard 0.5 (seed 0)": the bar panel's tick labels
+    overlapped into one unreadable line (README's all-labels figure)."""
+    from matplotlib.figure import Figure
+
+    labels = {"teacher": "teacher (all labels)", "fm": "function matching, cached", "scratch": "scratch",
+              "fm_hard": "function matching, soft 0.5 / hard 0.5 (seed 0)", "mixup": "scratch with MixUp (seed 0)"}
+    rows = summarize([RunResult(name, 0, test_acc_best=0.7, test_acc_last=0.7) for name in labels], list(labels),
+                     labels=labels)
+    boxes = []
+    save = Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        renderer = figure.canvas.get_renderer()
+        boxes.extend(t.get_window_extent(renderer) for t in figure.axes[0].get_xticklabels())
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    plot_results(tmp_path / "figure.png", "t", rows, {})
+    assert len(boxes) == 5
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+
+
 def test_mean_curve_averages_seeds_step_by_step():
     steps, means, stds = mean_curve([[(15, 0.5), (31, 0.7)], [(15, 0.7), (31, 0.9), (31, 0.8), (47, 0.95)]])
     assert steps == [15, 31, 47]

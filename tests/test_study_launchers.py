@@ -321,6 +321,27 @@ def test_the_same_study_by_another_path_or_working_directory_retrains_nothing(tm
         assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
 
+def test_a_finished_run_brought_in_under_another_name_is_reported_under_the_studys_name(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A run trained elsewhere (a probe study, another --out) and copied into this study under this study's run
+    name, with the same settings, is done: it was counted done but left out of results.md and the figure, because
+    the results kept the name it had where it trained."""
+    import shutil
+
+    runs = {"teacher": {"configs": [str(DIGITS / "teacher.yaml")]}}
+    main([str(write_study(tmp_path / "probe.yaml", runs=runs)), "--out", str(tmp_path / "probe")])
+    study = write_study(tmp_path / "study.yaml", runs={"big_teacher": runs["teacher"]})
+    shutil.copytree(tmp_path / "probe" / "teacher" / "seed_0", tmp_path / "out" / "big_teacher" / "seed_0")
+    capsys.readouterr()
+    counter = TrainCounter(monkeypatch)
+    rows = main([str(study), "--out", str(tmp_path / "out")])
+    assert counter.trained == [] and [row["run"] for row in rows] == ["big_teacher"]
+    main([str(study), "--out", str(tmp_path / "out"), "--report"])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["run"], r["seed"]) for r in report["per_seed"]] == [("big_teacher", 0)]
+    assert "| big_teacher | 1 |" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_the_seed_is_part_of_a_runs_identity_and_its_folder_is_not(tmp_path):
     from kd_lightning.commands.study.plan import check_and_hash, plan
     from kd_lightning.commands.study.spec import load_study

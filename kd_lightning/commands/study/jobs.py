@@ -20,6 +20,7 @@ aside under a name that says so, and the study says where.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -96,7 +97,13 @@ def finished_result(run: PlannedRun) -> RunResult | None:
         return None
     if not all((run.folder / record[k]).is_file() for k in ("best_checkpoint", "last_checkpoint")):
         return None
-    return RunResult.from_dict(record["results"])
+    return recorded_result(run, record)
+
+
+def recorded_result(run: PlannedRun, record: dict[str, Any]) -> RunResult:
+    """The results in ``run``'s record, under the study's name of the run: a run trained elsewhere with the same
+    settings (another study, another --out) and copied in is this run, whatever it was called there."""
+    return dataclasses.replace(RunResult.from_dict(record["results"]), run=run.spec.name)
 
 
 def interrupted_checkpoint(run: PlannedRun) -> Path | None:

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import statistics
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -184,7 +185,9 @@ def plot_results(path: Path, title: str, rows: Sequence[dict[str, Any]],
         bars.grid(axis="x", alpha=0.3)
     else:
         bars.set_ylim(*limits)
-        bars.set_xticks(list(x), names, fontsize=8)
+        # long labels wrapped, so that neighbouring ones do not run into each other
+        bars.set_xticks(list(x), ["\n".join(textwrap.fill(part, 16) for part in n.split("\n")) for n in names],
+                        fontsize=8)
         bars.set_ylabel(axis_title)
     bars.set_title("Test accuracy, mean ± std over seeds")
     bars.legend(loc="lower right" if many else "upper right", fontsize=8)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from kd_lightning.commands.study.jobs import (FAILED_FILE, JOB_FILE, LOG_FILE, RUN_FILE, STATUS_FILE,
-                                             is_training_elsewhere, read_json)
+                                             is_training_elsewhere, read_json, recorded_result)
 from kd_lightning.commands.study.plan import PlannedRun
 from kd_lightning.commands.study.report import RunResult
 
@@ -35,7 +35,7 @@ def run_state(run: PlannedRun, teacher: RunState | None, now: float | None = Non
     job = read_json(run.folder / JOB_FILE) or {}
     record = read_json(run.folder / RUN_FILE)
     if record is not None and record.get("config_hash") == job.get("config_hash", record.get("config_hash")):
-        result = RunResult.from_dict(record["results"])
+        result = recorded_result(run, record)
         return RunState(run, "done", f"test acc {100 * result.test_acc_best:.1f}% (best) / "
                                      f"{100 * result.test_acc_last:.1f}% (last)", result)
     failed = read_json(run.folder / FAILED_FILE)
