@@ -186,6 +186,43 @@ def test_two_local_workers_share_one_storage_and_one_budget(tmp_path, teacher, t
     assert "4 of 4 trials" in (out / "trials.md").read_text()
 
 
+ASKING_WORKER = """
+import sys, time
+import optuna
+from kd_lightning.commands.tune.search import one_ask_at_a_time, open_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+storage, start = sys.argv[1], float(sys.argv[2])
+study = optuna.load_study(study_name="search", storage=open_storage(storage))
+while time.time() < start:
+    pass
+taken = []
+for _ in range(10):
+    with one_ask_at_a_time(storage):
+        taken.append(study.ask().number)
+print(taken)
+"""
+
+
+def test_workers_asking_at_once_never_take_the_same_queued_trial(tmp_path):
+    """SQLite has no SELECT ... FOR UPDATE: two local workers asking at once popped the same queued trial (CI:
+    "Cannot tell a COMPLETE trial" after both trained it into one folder)."""
+    import ast
+
+    import optuna
+
+    from kd_lightning.commands.tune.search import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="search", storage=open_storage(storage))
+    for x in range(40):
+        study.enqueue_trial({"x": float(x)})
+    start = time.time() + 4  # every worker has imported optuna and loaded the study by then
+    workers = [subprocess.Popen([sys.executable, "-c", ASKING_WORKER, storage, str(start)], stdout=subprocess.PIPE,
+                                text=True) for _ in range(4)]
+    taken = [n for w in workers for n in ast.literal_eval(w.communicate(timeout=120)[0].strip().splitlines()[-1])]
+    assert sorted(taken) == list(range(40)), sorted(taken)  # each queued trial taken once, none twice
+
+
 @pytest.mark.slow
 def test_the_search_never_reads_the_test_split(tmp_path, teacher, monkeypatch):
     from torch.utils.data import Dataset

@@ -11,12 +11,15 @@ the budget is not reached, and a trial asked for by two workers at once beyond t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from filelock import FileLock
 
 from kd_lightning.callbacks.optuna_pruning import MetricNotLogged
 from kd_lightning.commands.study.jobs import (STATUS_FILE, RunProgress, output_to, quiet_lightning, read_json,
@@ -76,6 +79,19 @@ def check_storage(storage: str) -> str:
     except Exception as err:  # noqa: BLE001 - a malformed URL
         raise TuneError(f"--storage {storage!r} is not a database URL SQLAlchemy reads: {err}") from None
     return storage
+
+
+@contextlib.contextmanager
+def one_ask_at_a_time(storage: str) -> Iterator[None]:
+    """Held around ``study.ask()``. SQLite has no ``SELECT ... FOR UPDATE``, so two local workers asking at once can
+    both pop the same queued trial (the run's own settings, a stopped trial queued to resume: optuna#4002, #4621)
+    and train it twice into one folder. An OS lock beside the file makes each ask whole; journal files and server
+    databases pop queued trials safely themselves."""
+    if not storage.startswith("sqlite:///"):
+        yield
+        return
+    with FileLock(storage[len("sqlite:///"):] + ".ask.lock"):
+        yield
 
 
 def open_storage(storage: str) -> Any:
@@ -274,7 +290,8 @@ def work(job: TuneJob, worker: int = 0, here: bool = True, log: Any = None) -> i
             return ran
         if spec.timeout is not None and time.time() - start >= spec.timeout:
             return ran
-        trial = study.ask()  # the first queued trial (the run's own settings, a stopped one), else TPE's
+        with one_ask_at_a_time(job.storage):
+            trial = study.ask()  # the first queued trial (the run's own settings, a stopped one), else TPE's
         ahead = [t for t in spent(study) if t.number < trial.number]
         if len(ahead) >= spec.trials:  # another worker took the last trial of the budget first
             trial.set_user_attr("outcome", "over_budget")
