@@ -39,6 +39,7 @@ def progress_line(runs: Sequence[PlannedRun], done: int, total: int, start: floa
         status = read_json(run.folder / STATUS_FILE) or {}
         if status.get("state") == "starting":  # data, teacher, a teacher cache to build: before its first step
             parts.append(f"{run.title} starting ({(time.time() - float(status.get('updated_at', 0))) / 60:.0f} min)")
+            continue
         if status.get("state") not in ("running", "testing"):
             continue
         part = f"{run.title} step {status.get('step')}/{status.get('max_steps') or '?'}"

@@ -55,8 +55,7 @@ def run_state(run: PlannedRun, teacher: RunState | None, now: float | None = Non
             detail += f", val acc {100 * status['val_acc']:.1f}%"
         detail += ", testing" if status["state"] == "testing" else (
             f", ETA {status['eta_s'] / 60:.1f} min" if status.get("eta_s") is not None else "")
-        where = f"SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else f"{status.get('host')}"
-        return RunState(run, "running", f"{detail} ({where})")
+        return RunState(run, "running", f"{detail} ({recorded_place(status)})")
     if job:
         where = f"SLURM job {job['slurm_job_id']}" if job.get("slurm_job_id") else job.get("launcher", "")
         if (run.folder / "checkpoints" / "last.ckpt").is_file():
@@ -69,14 +68,18 @@ def starting_state(run: PlannedRun, status: dict, now: float) -> RunState:
     """A run whose process took it and has not made its first step: setting up its data and teacher, or building a
     teacher cache, which can take longer than ``STALE_S``. On this host its training lock says whether that process
     is alive; elsewhere (a SLURM node) the minutes since it started say how long it has been at it."""
-    minutes = (now - float(status.get("updated_at", now))) / 60
     here = status.get("host") == socket.gethostname() and not status.get("slurm_job_id")
     if here and not is_training_elsewhere(run):
         return RunState(run, "stopped", f"while starting, before its first step (its process {status.get('pid')} "
                                         "has ended; the next start takes it up again)")
-    where = f"SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else f"{status.get('host')}"
+    minutes = (now - float(status.get("updated_at", now))) / 60
     return RunState(run, "running", f"starting for {minutes:.0f} min: data, teacher, teacher cache "
-                                    f"(log: {run.folder / LOG_FILE}) ({where})")
+                                    f"(log: {run.folder / LOG_FILE}) ({recorded_place(status)})")
+
+
+def recorded_place(status: dict) -> str:
+    """Where a run's status.json says it runs: its SLURM job, else its host."""
+    return f"SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else f"{status.get('host')}"
 
 
 def study_states(planned: Sequence[PlannedRun]) -> list[RunState]:
